@@ -1,0 +1,98 @@
+"""The block-diffusion attention mask of Suppl. D, as ONE mask function.
+
+Training runs the transformer over the doubled sequence x_t ⊕ x of length 2L
+(indices 0..L-1 are noisy, L..2L-1 are clean) under
+
+    Mask(L, L') = [ M_BD   M_OBC ]      M_BD : noisy i sees noisy j of the same block
+                  [ 0      M_BC  ]      M_OBC: noisy i sees clean j of a strictly earlier block
+                                        M_BC : clean i sees clean j of the same or an earlier block
+
+Every other mask the project needs is a window of this one, so all backends (dense SDPA,
+FlexAttention BlockMask, the KV-cache sampler, the HF export) share this single definition:
+
+- the clean stream alone (the naive Alg. 1 reference, and no-cache sampling): the M_BC quadrant;
+- the plain causal mask of the AR baseline: the M_BC quadrant with L' = 1.
+
+This module is pure torch: no DeepSpeed, no megatron.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def block_diffusion_visible(q_idx: torch.Tensor, kv_idx: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """Whether doubled-sequence query `q_idx` may attend to key `kv_idx` (Suppl. D)."""
+    q_clean = q_idx >= seq_len
+    kv_clean = kv_idx >= seq_len
+    q_block = torch.where(q_clean, q_idx - seq_len, q_idx) // block_size
+    kv_block = torch.where(kv_clean, kv_idx - seq_len, kv_idx) // block_size
+    m_bd = ~q_clean & ~kv_clean & (q_block == kv_block)
+    m_obc = ~q_clean & kv_clean & (q_block > kv_block)
+    m_bc = q_clean & kv_clean & (q_block >= kv_block)
+    return m_bd | m_obc | m_bc
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """A rectangular window [q_offset, q_offset+q_len) × [kv_offset, kv_offset+kv_len) of Mask(L, L').
+
+    Frozen and hashable, so backends can cache the dense matrix or BlockMask built from it.
+    """
+
+    seq_len: int
+    block_size: int
+    q_offset: int
+    q_len: int
+    kv_offset: int
+    kv_len: int
+
+    @classmethod
+    def doubled(cls, seq_len: int, block_size: int) -> AttentionMask:
+        """The full 2L × 2L training mask over x_t ⊕ x (Alg. 1, vectorized)."""
+        return cls(seq_len, block_size, 0, 2 * seq_len, 0, 2 * seq_len)
+
+    @classmethod
+    def block_causal(cls, seq_len: int, block_size: int) -> AttentionMask:
+        """M_BC over a clean sequence of length `seq_len` (block size 1 gives the causal mask)."""
+        return cls(seq_len, block_size, seq_len, seq_len, seq_len, seq_len)
+
+    @classmethod
+    def causal(cls, seq_len: int) -> AttentionMask:
+        """The AR baseline's causal mask: M_BC with L' = 1."""
+        return cls.block_causal(seq_len, 1)
+
+    def first_rows(self, n: int) -> AttentionMask:
+        """The same mask for the first `n` queries only (the model's last layer keeps the noisy half)."""
+        return replace(self, q_len=min(n, self.q_len))
+
+    @property
+    def is_causal(self) -> bool:
+        """True when this window is a plain causal mask (what flash-attn can run natively)."""
+        return self.block_size == 1 and self.q_offset == self.kv_offset == self.seq_len and self.q_len == self.kv_len
+
+    def mask_mod(self) -> MaskMod:
+        """FlexAttention-style predicate (b, h, q_idx, kv_idx) -> bool over this window."""
+        seq_len, block_size, q_off, kv_off = self.seq_len, self.block_size, self.q_offset, self.kv_offset
+
+        def visible(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            return block_diffusion_visible(q_idx + q_off, kv_idx + kv_off, seq_len, block_size)
+
+        return visible
+
+    def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The boolean [q_len, kv_len] matrix (True = may attend), for SDPA and for tests."""
+        q = torch.arange(self.q_len, device=device)[:, None] + self.q_offset
+        kv = torch.arange(self.kv_len, device=device)[None, :] + self.kv_offset
+        return block_diffusion_visible(q, kv, self.seq_len, self.block_size)
+
+
+def doubled_positions(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rotary positions of x_t ⊕ x: both halves use 0..L-1, so a noisy token and its clean twin align."""
+    pos = torch.arange(seq_len, device=device)
+    return torch.cat([pos, pos])

@@ -1,0 +1,311 @@
+"""Experiment configuration: YAML files in configs/ plus `section.key=value` overrides.
+
+Every mistake a user can make here becomes a one-line Sad3Error that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sad3_megatron.errors import Sad3Error
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Model sizes. `small` is the paper's 110M model (12 layers, 768 hidden, 12 heads; Suppl. F).
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"num_layers": 4, "hidden_size": 128, "num_heads": 4, "ffn_hidden_size": 512},
+    "small": {"num_layers": 12, "hidden_size": 768, "num_heads": 12, "ffn_hidden_size": 3072},
+    "medium": {"num_layers": 24, "hidden_size": 1024, "num_heads": 16, "ffn_hidden_size": 4096},
+    "large": {"num_layers": 24, "hidden_size": 1536, "num_heads": 16, "ffn_hidden_size": 6144},
+    "xl": {"num_layers": 24, "hidden_size": 2048, "num_heads": 16, "ffn_hidden_size": 8192},
+    "2.7b": {"num_layers": 32, "hidden_size": 2560, "num_heads": 32, "ffn_hidden_size": 10240},
+}
+
+
+@dataclass
+class ModelConfig:
+    """The DiT-style transformer (no time conditioning). `preset` fills unset sizes (see model/presets.py)."""
+
+    preset: str = "tiny"
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    ffn_hidden_size: int | None = None
+    dropout: float = 0.1
+    seq_len: int = 128
+    attention_backend: str = "auto"
+    rotary_base: float = 10000.0
+
+
+@dataclass
+class DiffusionConfig:
+    """The objective. `sad3` with block_size = seq_len is MDLM; block_size 1 + full masking is AR (Suppl. B)."""
+
+    objective: str = "sad3"  # sad3 | ar (plain next-token baseline on the same model)
+    block_size: int = 4
+    schedule: str = "clipped"  # linear | cosine | log | sqrt | square | clipped
+    beta: float = 0.3  # clipped schedule: mask rates ~ U[beta, omega] (Sec. 5.2)
+    omega: float = 0.8
+    antithetic: bool = True
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = "bert-base-uncased"  # a bundled name (bert-base-uncased | gpt2) or a tokenizer directory
+    train_files: list[str] = field(default_factory=lambda: ["sad3_megatron/assets/corpora/austen/*.txt"])
+    val_fraction: float = 0.02
+    min_val_sequences: int = 8
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_schedule: str = "constant"  # constant | cosine (both after linear warmup)
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999  # 0 disables EMA
+    precision: str = "auto"  # auto (bf16 where supported, else fp32) | fp32 | bf16
+    log_interval: int = 10
+    eval_interval: int = 250
+    eval_batches: int = 8
+    save_interval: int = 500
+    keep_last: int = 2
+    resume: str = "auto"  # auto (latest in the run dir) | none | a checkpoint directory
+    device: str = "auto"  # auto | cpu | cuda
+    progress_bar: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    zero_stage: int = 0
+
+
+@dataclass
+class RunConfig:
+    name: str = "sad3"
+    out_dir: str = "runs/sad3"
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
+    """Bring a YAML/override value to the field's type, or say which key is wrong and why."""
+    where = f"{section}.{key}"
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise Sad3Error(f"{where} cannot be empty")
+    if annotation.startswith("list"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise Sad3Error(f"{where} must be a list of strings, got {value!r}")
+        return value
+    base = annotation.replace(" | None", "")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        raise Sad3Error(f"{where} must be {base}, got {value!r}") from None
+    raise AssertionError(annotation)
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
+    if section not in _SECTIONS:
+        raise Sad3Error(f"unknown config section {section!r}: choose one of {', '.join(_SECTIONS)}")
+    obj = getattr(cfg, section)
+    known = {f.name: f for f in fields(obj)}
+    if key not in known:
+        raise Sad3Error(f"unknown config key {section}.{key}: known keys are {', '.join(known)}")
+    setattr(obj, key, _coerce(section, key, value, str(known[key].type)))
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `section.key=value` overrides, validate, and return it."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise Sad3Error(f"config file {str(path)!r} not found: pass a YAML file such as configs/demo.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise Sad3Error(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise Sad3Error(f"config file {str(path)!r} must hold a mapping of sections")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise Sad3Error(f"config section {section!r} in {str(path)!r} must be a mapping")
+            for key, value in values.items():
+                _apply(cfg, section, key, value)
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise Sad3Error(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
+        dotted, text = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        _apply(cfg, section, key, yaml.safe_load(text) if text else None)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with a checkpoint (no file checks: the data may live elsewhere now)."""
+    cfg = Config()
+    for section, values in raw.items():
+        for key, value in values.items():
+            _apply(cfg, section, key, value)
+    validate(cfg, check_files=False)
+    return cfg
+
+
+def resolve_data_files(patterns: list[str]) -> list[Path]:
+    """Expand globs (relative to the working directory, then to the repository) into existing files."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) or sorted(glob.glob(str(REPO_ROOT / pattern)))
+        if not matches:
+            raise Sad3Error(f"data file {pattern!r} not found: set data.train_files to existing text files")
+        files.extend(Path(m) for m in matches if Path(m).is_file())
+    if not files:
+        raise Sad3Error(f"data.train_files {patterns!r} matched no files")
+    return files
+
+
+def validate(cfg: Config, check_files: bool = True) -> None:
+    """Reject configurations that cannot train, with one line that names the problem and the fix."""
+    from sad3_megatron.attention.backends import BACKENDS
+    from sad3_megatron.diffusion.schedules import make_schedule
+
+    m, d, t, p = cfg.model, cfg.diffusion, cfg.train, cfg.parallel
+    if m.preset not in PRESETS:
+        raise Sad3Error(f"unknown model.preset {m.preset!r}: choose one of {', '.join(PRESETS)}")
+    if m.seq_len < 1:
+        raise Sad3Error(f"model.seq_len must be positive, got {m.seq_len}")
+    if m.attention_backend not in BACKENDS:
+        raise Sad3Error(f"unknown model.attention_backend {m.attention_backend!r}: choose one of {', '.join(BACKENDS)}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise Sad3Error(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if d.objective not in ("sad3", "ar"):
+        raise Sad3Error(f"unknown diffusion.objective {d.objective!r}: choose sad3 or ar")
+    if d.block_size < 1 or m.seq_len % d.block_size:
+        raise Sad3Error(
+            f"diffusion.block_size={d.block_size} does not divide model.seq_len={m.seq_len}: pick a divisor of the context length"
+        )
+    make_schedule(d.schedule, d.beta, d.omega)
+    if t.lr_schedule not in ("constant", "cosine"):
+        raise Sad3Error(f"unknown train.lr_schedule {t.lr_schedule!r}: choose constant or cosine")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise Sad3Error(f"unknown train.precision {t.precision!r}: choose auto, fp32 or bf16")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise Sad3Error(f"unknown train.device {t.device!r}: choose auto, cpu or cuda")
+    for key in (
+        "steps",
+        "micro_batch_size",
+        "grad_accum_steps",
+        "log_interval",
+        "eval_interval",
+        "save_interval",
+        "keep_last",
+        "eval_batches",
+    ):
+        if getattr(t, key) < 1:
+            raise Sad3Error(f"train.{key} must be at least 1, got {getattr(t, key)}")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise Sad3Error(f"train.lr must be positive and train.min_lr in [0, lr] (got lr={t.lr}, min_lr={t.min_lr})")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise Sad3Error(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise Sad3Error(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise Sad3Error(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if p.tensor_parallel < 1 or p.pipeline_parallel < 1:
+        raise Sad3Error("parallel.tensor_parallel and parallel.pipeline_parallel must be at least 1")
+    sizes = resolved_model_sizes(m)
+    if sizes["hidden_size"] % sizes["num_heads"]:
+        raise Sad3Error(
+            f"model.hidden_size={sizes['hidden_size']} is not divisible by model.num_heads={sizes['num_heads']}"
+        )
+    if (sizes["hidden_size"] // sizes["num_heads"]) % 2:
+        raise Sad3Error("rotary embeddings need an even head dimension: change model.hidden_size or model.num_heads")
+    if sizes["num_heads"] % p.tensor_parallel:
+        raise Sad3Error(
+            f"model.num_heads={sizes['num_heads']} is not divisible by parallel.tensor_parallel={p.tensor_parallel}"
+        )
+    if check_files:
+        resolve_data_files(cfg.data.train_files)
+
+
+def resolved_model_sizes(m: ModelConfig) -> dict[str, int]:
+    """The preset's sizes with any explicitly set field taking precedence."""
+    sizes = dict(PRESETS[m.preset])
+    for key in sizes:
+        if getattr(m, key) is not None:
+            sizes[key] = getattr(m, key)
+    return sizes
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "DiffusionConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config",
+    "resolve_data_files",
+    "resolved_model_sizes",
+    "save_config",
+    "validate",
+]

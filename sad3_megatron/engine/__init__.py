@@ -1,0 +1,1 @@
+"""Process groups, the DeepSpeed training loop, checkpoints, EMA and metrics."""

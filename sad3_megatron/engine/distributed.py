@@ -1,0 +1,57 @@
+"""Process groups: torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's parallel state.
+
+A single process started without a launcher gets a one-rank group on a free local port, so
+the same code path serves a laptop run and a multi-node DeepSpeed launch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(device: torch.device, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+    """Initialise torch.distributed and megatron-core's parallel state once per process."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(
+                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+            )
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            from sad3_megatron.errors import Sad3Error
+
+            raise Sad3Error(
+                "train.device=cuda but torch sees no GPU: use train.device=cpu or install a CUDA build of torch"
+            )
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def data_parallel_info() -> tuple[int, int]:
+    """(rank, size) of this process in the data-parallel group."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

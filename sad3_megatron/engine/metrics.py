@@ -1,0 +1,53 @@
+"""metrics.jsonl (one line per logged step) and a rank-0 progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class MetricsLog:
+    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool, progress_bar: bool):
+        """Append to `path`, first dropping records past `start_step` (left by a run that died after
+        logging but before its next checkpoint), so the file always describes one consistent run."""
+        self.enabled = enabled
+        self.file = None
+        if enabled:
+            kept = (
+                [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                if path.exists()
+                else []
+            )
+            path.write_text("".join(line + "\n" for line in kept))
+            self.file = path.open("a")
+        # disable=None turns the bar off when stdout is not a terminal (CI logs); eval lines are printed instead.
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            disable=None if enabled and progress_bar else True,
+            dynamic_ncols=True,
+            unit="step",
+        )
+
+    def step(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        shown = {k: record[k] for k in ("loss", "val_nelbo", "lr", "tokens_per_s") if k in record}
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        if "val_nelbo" in record:
+            self.bar.write(
+                f"step {record['step']}: held-out NELBO {record['val_nelbo']:.4f}/token (PPL <= {record['val_ppl']:.2f})"
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
