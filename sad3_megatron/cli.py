@@ -19,11 +19,15 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_train(args: argparse.Namespace) -> int:
     from sad3_megatron.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # validate before the heavy imports
+    cfg = load_config(args.config, args.overrides, stage=args.stage)  # validate before the heavy imports
+    if args.dry_run:
+        return _print_plan(cfg, args.world_size)
     from sad3_megatron.engine.trainer import train
 
     result = train(cfg)
-    if result.val is not None:
+    from sad3_megatron.engine.distributed import rank
+
+    if result.val is not None and rank() == 0:
         v = result.val
         print(
             f"sad3 train: done at step {result.steps}; held-out NELBO {v['nelbo_per_token']:.4f}/token, PPL <= {v['ppl']:.2f}; run dir {result.run_dir}"
@@ -31,11 +35,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_plan(cfg, world_size: int | None) -> int:
+    """`--dry-run`: the resolved layout, batch arithmetic, tokens and memory; starts nothing."""
+    import os
+
+    from sad3_megatron.data import load_tokenizer
+    from sad3_megatron.engine.plan import make_plan
+
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    plan = make_plan(cfg, world, load_tokenizer(cfg.data.tokenizer).vocab_size)
+    print(
+        f"sad3 train --dry-run: {cfg.run.name}, {cfg.model.preset} model, L={cfg.model.seq_len}, L'={cfg.diffusion.block_size}, objective={cfg.diffusion.objective}, ZeRO-{cfg.parallel.zero_stage}"
+    )
+    for line in plan.lines():
+        print("  " + line)
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from sad3_megatron.config import resolve_data_files
-    from sad3_megatron.data import pack_files
     from sad3_megatron.diffusion import BlockDiffusionObjective
     from sad3_megatron.engine.build import load_components
     from sad3_megatron.evaluation import estimate_bound
@@ -44,6 +63,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise Sad3Error(f"--draws must be at least 1, got {args.draws}")
     if args.batch_size < 1:
         raise Sad3Error(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_zero_shot_args(args)
     parts, ckpt = load_components(args.checkpoint, use_ema=not args.no_ema)
     cfg, objective = parts.cfg, parts.objective
     seq_len = cfg.model.seq_len
@@ -57,19 +77,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         objective = BlockDiffusionObjective(
             seq_len, args.block_size, objective.schedule, parts.tokenizer.mask_id, objective.antithetic
         )
-    if args.data:
-        sequences, _ = pack_files(resolve_data_files(args.data), parts.tokenizer, seq_len)
-    else:  # the checkpoint's own held-out split
-        from sad3_megatron.data import load_corpus
-
-        sequences = load_corpus(
-            resolve_data_files(cfg.data.train_files), parts.tokenizer, seq_len, cfg.data.val_fraction
-        ).val
+    sequences, described = _eval_sequences(args, cfg, parts.tokenizer, seq_len)
     if args.max_sequences:
         sequences = sequences[: args.max_sequences]
     torch.manual_seed(args.seed)
     bound = estimate_bound(parts.model, objective, sequences, parts.device, args.batch_size, args.draws, args.seed)
-    result = {"checkpoint": str(ckpt), "data": args.data or "held-out split", **bound.to_dict()}
+    result = {"checkpoint": str(ckpt), "data": described, **bound.to_dict()}
     if args.json:
         print(json.dumps(result))
     else:
@@ -82,20 +95,273 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_zero_shot_args(args: argparse.Namespace) -> None:
+    """Before the checkpoint loads: a zero-shot name must exist, and a local copy needs to say which set it is."""
+    if args.zero_shot_path and not args.zero_shot:
+        raise Sad3Error("--zero-shot-path needs --zero-shot NAME to say which set the local copy holds")
+    if args.zero_shot:
+        from sad3_megatron.data.zero_shot import ZERO_SHOT
+
+        if args.zero_shot not in ZERO_SHOT:
+            raise Sad3Error(f"unknown zero-shot set {args.zero_shot!r}: choose one of {', '.join(ZERO_SHOT)}")
+
+
+def _eval_sequences(args: argparse.Namespace, cfg, tokenizer, seq_len: int):
+    """The packed sequences `sad3 eval` scores, and how to name them in the report."""
+    from sad3_megatron.data import load_corpus, load_eval_sequences
+
+    cache = cfg.data.cache_dir or None
+    if args.zero_shot:
+        where = args.zero_shot_path or "hub"
+        sequences = load_eval_sequences(
+            tokenizer, seq_len, zero_shot=args.zero_shot, zero_shot_path=args.zero_shot_path, cache_dir=cache
+        )
+        return sequences, f"zero-shot {args.zero_shot} ({where})"
+    if args.data:
+        return load_eval_sequences(tokenizer, seq_len, files=args.data, cache_dir=cache), args.data
+    return load_corpus(cfg.data, tokenizer, seq_len).val, "held-out split"  # the checkpoint's own
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sad3_megatron.data.preparation import prepare
+    from sad3_megatron.data.recipes import apply_overrides, load_recipe, recipe_from_dict
+    from sad3_megatron.data.zero_shot import ZERO_SHOT, zero_shot_raw
+
+    if not Path(args.recipe).is_file() and args.recipe in ZERO_SHOT:  # a zero-shot set, e.g. to cache it ahead
+        raw = apply_overrides(zero_shot_raw(args.recipe, "gpt2"), args.overrides)
+        recipe = recipe_from_dict(raw, f"zero-shot set {args.recipe}")
+    else:
+        recipe = load_recipe(args.recipe, args.overrides)
+    result = prepare(recipe, cache_dir=args.cache_dir, verify=not args.no_verify, progress=not args.no_progress)
+    m = result.manifest
+    splits = ", ".join(
+        f"{name} {s['documents']:,} docs / {s['tokens']:,} tokens in {len(s['shards'])} shard(s)"
+        for name, s in m["splits"].items()
+    )
+    skipped = ", ".join(f"{v if isinstance(v, int) else len(v)} {k.replace('_', ' ')}" for k, v in m["skipped"].items())
+    print(
+        f"sad3 data prepare: {recipe.name} ({m['tokenizer']['name']}) -> {result.root}: {splits}; "
+        f"{len(result.built)} shard(s) built, {len(result.reused)} kept; skipped: {skipped}; manifest {result.root / 'manifest.json'}"
+    )
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import contextlib
+    from dataclasses import replace
+    from pathlib import Path
+
+    from sad3_megatron.sampling import SamplingConfig
+
+    config = SamplingConfig(
+        num_tokens=args.num_tokens,
+        block_size=args.block_size,
+        steps=args.steps,
+        sampler=args.sampler,
+        threshold=args.threshold,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        kv_cache=not args.no_kv_cache,
+        window=args.window,
+        window_keep=args.window_keep,
+        stop_at_eos=not args.ignore_eos,
+        min_entropy=args.min_entropy,
+        entropy_window=args.entropy_window,
+    )
+    config.check()  # before loading the model
+    from sad3_megatron.engine.build import load_components
+    from sad3_megatron.sampling import generate
+
+    # SDPA: query and key lengths change at every step, which a compiled FlexAttention would
+    # recompile for; with the KV cache most calls need no mask at all. DeepSpeed announces its
+    # communication op on stdout while the model is set up: keep stdout for the --json result.
+    with contextlib.redirect_stdout(sys.stderr):
+        parts, ckpt = load_components(args.checkpoint, use_ema=not args.no_ema, backend="sdpa")
+    cfg, tok = parts.cfg, parts.tokenizer
+    autoregressive = cfg.diffusion.objective == "ar"
+    if autoregressive and args.block_size is not None:
+        raise Sad3Error("--block-size applies to diffusion checkpoints; this one is the AR baseline")
+    config = replace(
+        config,
+        num_tokens=args.num_tokens or cfg.model.seq_len,
+        block_size=1 if autoregressive else (args.block_size or cfg.diffusion.block_size),
+    )
+    prompt = [tok.bos_id] + (tok.encode(args.prompt) if args.prompt else [])
+    result = generate(
+        parts.model,
+        config,
+        seq_len=cfg.model.seq_len,
+        mask_id=tok.mask_id,
+        eos_id=tok.eos_id,
+        prompt=prompt,
+        autoregressive=autoregressive,
+    )
+    samples = [
+        {
+            "tokens": s.tokens,
+            "text": tok.hf.decode(s.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=True),
+            "nfe": s.nfe,
+            "length": s.length,
+            "stop_reason": s.stop_reason,
+            "seconds": s.seconds,
+            "tokens_per_s": s.tokens_per_s,
+        }
+        for s in result.samples
+    ]
+    out = {
+        "checkpoint": str(ckpt),
+        "objective": cfg.diffusion.objective,
+        "tokenizer": cfg.data.tokenizer,
+        "seq_len": cfg.model.seq_len,
+        "block_size": config.block_size,
+        "sampler": "autoregressive" if autoregressive else config.sampler,
+        "steps": config.steps,
+        "threshold": config.threshold,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "seed": config.seed,
+        "kv_cache": config.kv_cache,
+        "window": result.window.size,
+        "window_keep": result.window.keep,
+        "num_tokens": config.num_tokens,
+        "prompt_tokens": len(prompt),
+        "seconds": result.seconds,
+        "tokens_per_s": result.tokens_per_s,
+        "mean_nfe": sum(s["nfe"] for s in samples) / len(samples),
+        "clean_passes": result.clean_passes,
+        "samples": samples,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(out) + "\n")
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    for i, s in enumerate(samples):
+        print(
+            f"--- sample {i}: {s['length']} tokens, stop: {s['stop_reason']}, {s['nfe']} NFEs, {s['tokens_per_s']:.1f} tokens/s"
+        )
+        print(s["text"])
+    how = "AR, next-token" if autoregressive else f"L'={config.block_size}, {config.sampler}, T={config.steps}"
+    cache = "KV cache" if config.kv_cache else "no KV cache"
+    print(
+        f"sad3 sample: {len(samples)} samples, {sum(s['length'] for s in samples)} tokens in {result.seconds:.2f} s "
+        f"({result.tokens_per_s:.1f} tokens/s); {how}; {cache}, window {result.window.size} (keep {result.window.keep})"
+    )
+    return 0
+
+
+def _cmd_eval_samples(args: argparse.Namespace) -> int:
+    from sad3_megatron.evaluation import load_evaluator, load_samples, summarize_samples
+
+    if args.max_length < 2 or not 1 <= args.stride < args.max_length:
+        raise Sad3Error(
+            f"--max-length must be >= 2 and 1 <= --stride < --max-length (got {args.max_length}, {args.stride})"
+        )
+    samples = load_samples(args.samples)
+    model = tokenizer = None
+    if args.evaluator:
+        from sad3_megatron.engine.distributed import resolve_device
+
+        model, tokenizer = load_evaluator(args.evaluator, resolve_device("auto"))
+    summary = {
+        "samples_file": args.samples,
+        "evaluator": args.evaluator,
+        **summarize_samples(samples, model, tokenizer, args.max_length, args.stride),
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+
+    def fmt(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    line = (
+        f"{summary['samples']} samples: mean length {fmt(summary['mean_length'], '.1f')}, "
+        f"unigram entropy {fmt(summary['mean_unigram_entropy'], '.3f')} nats, "
+        f"NFEs {fmt(summary['mean_nfe'], '.1f')}, {fmt(summary['mean_tokens_per_s'], '.1f')} tokens/s"
+    )
+    if model is not None:
+        line += (
+            f"; Gen. PPL {summary['gen_ppl']:.2f} under {args.evaluator} "
+            f"({summary['gen_scored_tokens']} tokens, windows {summary['gen_max_length']}/{summary['gen_stride']})"
+        )
+    print(line)
+    return 0
+
+
+def _add_sampling_commands(sub) -> None:
+    p = sub.add_parser("sample", help="generate samples from a checkpoint (Alg. 2; AR baseline: next-token)")
+    p.add_argument("checkpoint", help="a run directory or one of its checkpoints/step_* directories")
+    p.add_argument("--num-tokens", type=int, default=None, help="token budget per sample (default: the model's L)")
+    p.add_argument("--block-size", type=int, default=None, help="L' (default: the checkpoint's; must divide L)")
+    p.add_argument("--steps", type=int, default=1000, help="T, diffusion steps per block (default 1000)")
+    p.add_argument("--sampler", default="ancestral", help="ancestral (default), first_hitting or confident")
+    p.add_argument("--threshold", type=float, default=0.9, help="confident: commit tokens this likely (default 0.9)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
+    p.add_argument("--batch-size", type=int, default=1, help="samples generated together (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the context at every step (reference)")
+    p.add_argument("--window", type=int, default=None, help="most context tokens a block sees (default L - L')")
+    p.add_argument("--window-keep", type=int, default=None, help="tokens kept when the window slides (default half)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: start from BOS)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS (fixed-length samples)")
+    p.add_argument(
+        "--min-entropy", type=float, default=1.5, help="stop when recent unigram entropy falls below (nats; 0: off)"
+    )
+    p.add_argument("--entropy-window", type=int, default=64, help="recent tokens the entropy is measured on")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", default=None, help="also write the JSON to this file (input of eval-samples)")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("eval-samples", help="Gen. PPL, entropy, NFEs and speed of `sad3 sample` output")
+    p.add_argument("samples", help="a JSON file written by `sad3 sample --out` (or its --json output)")
+    p.add_argument("--evaluator", default=None, help="local HuggingFace causal-LM directory for Gen. PPL")
+    p.add_argument("--max-length", type=int, default=1024, help="evaluator window (default 1024)")
+    p.add_argument("--stride", type=int, default=512, help="evaluator window stride (default 512)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_eval_samples)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sad3", description="Train, evaluate and sample semi-autoregressive discrete diffusion LMs.")
+    # The DeepSpeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train from a YAML config with key=value overrides")
     p.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100 diffusion.block_size=16")
+    p.add_argument(
+        "overrides", nargs="*", default=[], metavar="section.key=value",
+        help="overrides, e.g. train.steps=100 diffusion.block_size=16 (anywhere on the line)",
+    )  # fmt: skip
+    p.add_argument("--stage", default=None, help="a stage of the config's `stages:` (e.g. pretrain, finetune)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved plan (layout, batch, tokens, memory) and exit"
+    )
+    p.add_argument("--world-size", type=int, default=None, help="world size for --dry-run (default: $WORLD_SIZE or 1)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="NELBO / PPL bound of a checkpoint on text files")
+    p = sub.add_parser("eval", help="NELBO / PPL bound of a checkpoint on text files or a zero-shot set")
     p.add_argument("checkpoint", help="a run directory or one of its checkpoints/step_* directories")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", nargs="+", help="text files or globs to evaluate on")
     source.add_argument("--split", choices=["val"], help="the held-out split of the checkpoint's own training data")
+    source.add_argument(
+        "--zero-shot",
+        metavar="NAME",
+        help="a zero-shot set: ptb, wikitext2, wikitext103, lambada, ag_news, pubmed, arxiv, lm1b",
+    )
+    p.add_argument(
+        "--zero-shot-path",
+        metavar="PATH",
+        help="local copy of the --zero-shot set (saved dataset directory or files): no hub access",
+    )
     p.add_argument("--block-size", type=int, default=None, help="L' to evaluate with (default: the checkpoint's)")
     p.add_argument("--draws", type=int, default=8, help="Monte-Carlo draws of t per sequence (default 8)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -104,6 +370,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("data", help="prepare datasets into token shards")
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    q = data_sub.add_parser(
+        "prepare", help="tokenize a data recipe into memory-mapped shards with a manifest (resumable)"
+    )
+    q.add_argument("recipe", help="a recipe YAML such as configs/data/lm1b.yaml, or a zero-shot set name")
+    q.add_argument(
+        "overrides", nargs="*", help="key=value, e.g. source.path=/data/lm1b workers=8 output_dir=/data/lm1b-bert"
+    )
+    q.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where recipes without output_dir go (default $SAD3_DATA_CACHE or ~/.cache/sad3/data)",
+    )
+    q.add_argument("--no-verify", action="store_true", help="check kept shards by size only, not by checksum")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_data_prepare)
+
+    _add_sampling_commands(sub)
     return parser
 
 
@@ -120,7 +406,12 @@ def _quiet_imports() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_imports()
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        # `key=value` overrides may sit anywhere among the options of `train` and `data prepare`.
+        args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+        if extra and not (args.command in ("train", "data") and all("=" in a and not a.startswith("-") for a in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*getattr(args, "overrides", []), *extra]
         return args.func(args)
     except Sad3Error as err:
         print(f"sad3: error: {err}", file=sys.stderr)

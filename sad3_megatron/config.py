@@ -58,9 +58,13 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     tokenizer: str = "bert-base-uncased"  # a bundled name (bert-base-uncased | gpt2) or a tokenizer directory
+    # Plain-text files (paragraph documents) used when `recipe` is empty; prepared into token shards on first use.
     train_files: list[str] = field(default_factory=lambda: ["sad3_megatron/assets/corpora/austen/*.txt"])
-    val_fraction: float = 0.02
+    val_fraction: float = 0.02  # train_files: the last fraction of each file's paragraphs is held out
     min_val_sequences: int = 8
+    recipe: str = ""  # a data recipe YAML (configs/data/*.yaml) or a prepared directory; replaces train_files
+    packing: str = "wrap"  # wrap (concatenate and wrap, Suppl. F) | document (also yield per-token document ids)
+    cache_dir: str = ""  # where data is prepared on the fly ("" = $SAD3_DATA_CACHE or ~/.cache/sad3/data)
 
 
 @dataclass
@@ -86,6 +90,10 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest in the run dir) | none | a checkpoint directory
     device: str = "auto"  # auto | cpu | cuda
     progress_bar: bool = True
+    global_batch_size: int = 0  # > 0: derive grad_accum_steps from it and the data-parallel size
+    init_from: str = ""  # a checkpoint whose weights start this run (stage 2 of the recipe); fresh optimizer
+    peak_tflops: float = 0.0  # device peak for MFU; 0 = look the GPU up (unknown on CPU: MFU not reported)
+    wandb: str = "off"  # off | offline | online
 
 
 @dataclass
@@ -166,9 +174,13 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
     setattr(obj, key, _coerce(section, key, value, str(known[key].type)))
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config, apply `section.key=value` overrides, validate, and return it."""
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None
+) -> Config:
+    """Read a YAML config, apply a named stage's overrides (the YAML's `stages:` mapping, e.g.
+    pretrain / finetune of one recipe), then `section.key=value` overrides; validate; return it."""
     cfg = Config()
+    stages: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -179,19 +191,32 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raise Sad3Error(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise Sad3Error(f"config file {str(path)!r} must hold a mapping of sections")
+        stages = raw.pop("stages", None) or {}
         for section, values in raw.items():
             if not isinstance(values, dict):
                 raise Sad3Error(f"config section {section!r} in {str(path)!r} must be a mapping")
             for key, value in values.items():
                 _apply(cfg, section, key, value)
+    if stage is not None:
+        if stage not in stages:
+            known = ", ".join(stages) or "none"
+            raise Sad3Error(f"config has no stage {stage!r} (stages: {known})")
+        for dotted, value in stages[stage].items():
+            _apply(cfg, *_split_key(dotted), value)
     for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
+        if "=" not in item:
             raise Sad3Error(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
         dotted, text = item.split("=", 1)
-        section, key = dotted.split(".", 1)
-        _apply(cfg, section, key, yaml.safe_load(text) if text else None)
+        _apply(cfg, *_split_key(dotted), yaml.safe_load(text) if text else None)
     validate(cfg)
     return cfg
+
+
+def _split_key(dotted: str) -> tuple[str, str]:
+    if "." not in dotted:
+        raise Sad3Error(f"override key {dotted!r} must look like section.key (e.g. train.steps)")
+    section, key = dotted.split(".", 1)
+    return section, key
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -242,6 +267,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise Sad3Error(f"unknown train.lr_schedule {t.lr_schedule!r}: choose constant or cosine")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise Sad3Error(f"unknown train.precision {t.precision!r}: choose auto, fp32 or bf16")
+    if t.wandb not in ("off", "offline", "online"):
+        raise Sad3Error(f"unknown train.wandb {t.wandb!r}: choose off, offline or online")
+    if t.global_batch_size < 0:
+        raise Sad3Error(f"train.global_batch_size must be 0 (unused) or positive, got {t.global_batch_size}")
     if t.device not in ("auto", "cpu", "cuda"):
         raise Sad3Error(f"unknown train.device {t.device!r}: choose auto, cpu or cuda")
     for key in (
@@ -262,10 +291,16 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise Sad3Error(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise Sad3Error(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.data.packing not in ("wrap", "document"):
+        raise Sad3Error(f"unknown data.packing {cfg.data.packing!r}: choose wrap or document")
     if p.zero_stage not in (0, 1, 2, 3):
         raise Sad3Error(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     if p.tensor_parallel < 1 or p.pipeline_parallel < 1:
         raise Sad3Error("parallel.tensor_parallel and parallel.pipeline_parallel must be at least 1")
+    if p.pipeline_parallel > 1 and p.zero_stage > 1:
+        raise Sad3Error(
+            f"parallel.pipeline_parallel={p.pipeline_parallel} allows ZeRO stage 0 or 1 (DeepSpeed's pipeline engine): set parallel.zero_stage=1"
+        )
     sizes = resolved_model_sizes(m)
     if sizes["hidden_size"] % sizes["num_heads"]:
         raise Sad3Error(
@@ -277,7 +312,12 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise Sad3Error(
             f"model.num_heads={sizes['num_heads']} is not divisible by parallel.tensor_parallel={p.tensor_parallel}"
         )
-    if check_files:
+    if check_files and cfg.data.recipe:
+        if not (Path(cfg.data.recipe).expanduser().exists() or (REPO_ROOT / cfg.data.recipe).exists()):
+            raise Sad3Error(
+                f"data.recipe={cfg.data.recipe!r} not found: give a recipe YAML (configs/data/*.yaml) or a prepared directory"
+            )
+    elif check_files:
         resolve_data_files(cfg.data.train_files)
 
 

@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from sad3_megatron.attention.masks import AttentionMask
+from sad3_megatron.attention.masks import AttentionMask, DocumentMask
 from sad3_megatron.errors import Sad3Error
 
 BACKENDS = ("auto", "sdpa", "flex", "flash")
@@ -65,6 +65,8 @@ def _compiled_flex():
 
 
 def _sdpa(q, k, v, mask):
+    if isinstance(mask, DocumentMask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.device))
     attn_mask = None if mask is None else _dense_mask(mask, str(q.device))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
@@ -74,7 +76,14 @@ def _flex(q, k, v, mask):
 
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise Sad3Error("FlexAttention has no backward on CPU: train with attention_backend=sdpa")
-    block_mask = None if mask is None else _block_mask(mask, str(q.device), FLEX_BLOCK_SIZE)
+    if isinstance(mask, DocumentMask):  # depends on the batch: built per call, never cached
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        block_mask = create_block_mask(
+            mask.mask_mod(), q.shape[0], None, mask.q_len, mask.kv_len, device=str(q.device), BLOCK_SIZE=FLEX_BLOCK_SIZE
+        )
+    else:
+        block_mask = None if mask is None else _block_mask(mask, str(q.device), FLEX_BLOCK_SIZE)
     kernel = _compiled_flex() if q.device.type == "cuda" else flex_attention
     return kernel(q, k, v, block_mask=block_mask)
 
@@ -82,7 +91,7 @@ def _flex(q, k, v, mask):
 def _flash(q, k, v, mask):
     from flash_attn import flash_attn_func
 
-    if mask is not None and not mask.is_causal:
+    if mask is not None and (isinstance(mask, DocumentMask) or not mask.is_causal):
         raise Sad3Error(
             "flash-attn cannot express the block-diffusion training mask: use attention_backend=flex "
             "(flash serves KV-cache sampling and the causal AR baseline)"
@@ -96,7 +105,9 @@ def _flash(q, k, v, mask):
 _KERNELS = {"sdpa": _sdpa, "flex": _flex, "flash": _flash}
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | None, backend: str) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | DocumentMask | None, backend: str
+) -> torch.Tensor:
     """softmax(q kᵀ / √d + mask) v with the named kernel; q/k/v are [b, h, s, d]."""
     if mask is not None and (mask.q_len, mask.kv_len) != (q.shape[2], k.shape[2]):
         raise ValueError(f"mask window {mask.q_len}x{mask.kv_len} does not match q/k lengths {q.shape[2]}x{k.shape[2]}")

@@ -71,6 +71,10 @@ class AttentionMask:
         """The same mask for the first `n` queries only (the model's last layer keeps the noisy half)."""
         return replace(self, q_len=min(n, self.q_len))
 
+    def first_cols(self, n: int) -> AttentionMask:
+        """The same mask over the first `n` keys only."""
+        return replace(self, kv_len=min(n, self.kv_len))
+
     @property
     def is_causal(self) -> bool:
         """True when this window is a plain causal mask (what flash-attn can run natively)."""
@@ -96,3 +100,50 @@ def doubled_positions(seq_len: int, device: torch.device | str = "cpu") -> torch
     """Rotary positions of x_t ⊕ x: both halves use 0..L-1, so a noisy token and its clean twin align."""
     pos = torch.arange(seq_len, device=device)
     return torch.cat([pos, pos])
+
+
+@dataclass(frozen=True, eq=False)
+class DocumentMask:
+    """Mask(L, L') AND "same document", for packed rows that keep attention inside documents.
+
+    `document_ids` [b, kv_len] labels every key position of the window (for the doubled sequence,
+    cat(doc, doc)); queries are a prefix of the same window, so they read the first q_len labels.
+    Every query still sees itself, so no softmax row is empty. Per-batch, hence never cached.
+    """
+
+    base: AttentionMask
+    document_ids: torch.Tensor
+
+    @property
+    def q_len(self) -> int:
+        return self.base.q_len
+
+    @property
+    def kv_len(self) -> int:
+        return self.base.kv_len
+
+    @property
+    def is_causal(self) -> bool:
+        return False
+
+    def first_rows(self, n: int) -> DocumentMask:
+        return DocumentMask(self.base.first_rows(n), self.document_ids)
+
+    def mask_mod(self) -> MaskMod:
+        base, ids = self.base.mask_mod(), self.document_ids
+
+        def visible(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            return base(b, h, q_idx, kv_idx) & (ids[b, q_idx] == ids[b, kv_idx])
+
+        return visible
+
+    def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[b, 1, q_len, kv_len] boolean (broadcast over heads)."""
+        ids = self.document_ids.to(device)
+        same = ids[:, : self.q_len, None] == ids[:, None, :]
+        return (self.base.dense(device) & same)[:, None]
+
+
+def document_window_ids(document_ids: torch.Tensor, doubled: bool) -> torch.Tensor:
+    """Per-position document labels of a row, laid out like the model input (x_t ⊕ x when doubled)."""
+    return torch.cat([document_ids, document_ids], dim=1) if doubled else document_ids

@@ -1,107 +1,158 @@
-"""Plain text files → documents → tokens → concatenated and wrapped sequences of length L (Suppl. F).
-
-Documents are paragraphs (blank-line separated). The last `val_fraction` of each file's documents
-is held out, so no validation sequence shares text with training. Nothing is dropped silently:
-empty documents and the tokens of the final partial sequence are counted in `CorpusStats`.
+"""Training and evaluation sequences. Every way of naming data — a config's text files, a recipe YAML, a prepared
+directory, text files to evaluate on, a zero-shot set — goes through the same path: prepare into token shards
+(on first use, into a cache directory keyed by the content's fingerprint; later uses only check it), then pack.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from sad3_megatron.data.tokenizers import Tokenizer
+from sad3_megatron.data.packing import PackedSequences
+from sad3_megatron.data.preparation import default_cache_dir, prepare
+from sad3_megatron.data.recipes import DataRecipe, files_recipe, load_recipe
+from sad3_megatron.data.shards import MANIFEST, PreparedData, open_prepared
+from sad3_megatron.data.sources import REPO_ROOT, expand_paths
+from sad3_megatron.data.tokenizers import Tokenizer, load_tokenizer
+from sad3_megatron.data.zero_shot import zero_shot_recipe
 from sad3_megatron.errors import Sad3Error
+
+if TYPE_CHECKING:
+    from sad3_megatron.config import DataConfig
+
+PACKINGS = ("wrap", "document")  # document: rows carry document ids so attention can stay inside documents
 
 
 @dataclass
 class CorpusStats:
-    files: int = 0
-    documents: int = 0
-    empty_documents: int = 0
-    tokens: int = 0
-    dropped_tail_tokens: dict[str, int] = field(default_factory=dict)
+    """What the run trained on; written to the run directory as data_stats.json."""
+
+    prepared: str  # the prepared directory (its manifest.json lists shards, checksums and skipped counts)
+    fingerprint: str
+    tokenizer: str
+    packing: str
+    documents: int
+    tokens: int
+    skipped: dict
+    train: dict  # PackingStats of the training split
+    val: dict
 
 
 @dataclass
 class Corpus:
-    train: np.ndarray  # [n, L] int64
-    val: np.ndarray  # [m, L] int64
+    train: PackedSequences
+    val: PackedSequences
     stats: CorpusStats
 
 
-def read_documents(path: Path, stats: CorpusStats) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise Sad3Error(f"data file {str(path)!r} is not UTF-8 text (byte {err.start}): convert it to UTF-8") from None
-    docs = []
-    for block in text.split("\n\n"):
-        doc = " ".join(block.split())
-        if doc:
-            docs.append(doc)
-        elif block.strip("\n"):
-            stats.empty_documents += 1  # whitespace-only paragraphs
-    stats.files += 1
-    stats.documents += len(docs)
-    return docs
-
-
-def pack(documents: list[list[int]], seq_len: int, bos: int, eos: int) -> tuple[np.ndarray, int]:
-    """Concatenate [bos] doc [eos] (eos only when bos == eos) and wrap into rows of `seq_len`.
-
-    Returns the rows and the number of tokens in the final partial row, which is not used.
-    """
-    prefix = [] if bos == eos else [bos]
-    stream = [tok for doc in documents for tok in (*prefix, *doc, eos)]
-    rows = len(stream) // seq_len
-    return np.asarray(stream[: rows * seq_len], dtype=np.int64).reshape(rows, seq_len), len(stream) - rows * seq_len
-
-
-def _tokenized_files(files: list[Path], tokenizer: Tokenizer, stats: CorpusStats):
-    for path in files:
-        docs = tokenizer.encode_batch(read_documents(path, stats))
-        stats.tokens += sum(len(d) for d in docs)
-        yield docs
-
-
-def pack_files(files: list[Path], tokenizer: Tokenizer, seq_len: int) -> tuple[np.ndarray, CorpusStats]:
-    """Every document of `files` packed into sequences (for evaluating on held-out text)."""
-    stats = CorpusStats()
-    docs = [doc for file_docs in _tokenized_files(files, tokenizer, stats) for doc in file_docs]
-    rows, stats.dropped_tail_tokens["eval"] = pack(docs, seq_len, tokenizer.bos_id, tokenizer.eos_id)
-    if len(rows) == 0:
+def _check_tokenizer(prepared: PreparedData, tokenizer: Tokenizer) -> None:
+    made = prepared.manifest["tokenizer"]
+    if (made["vocab_hash"], made["bos_id"], made["eos_id"]) != (
+        tokenizer.vocab_hash,
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+    ):
         raise Sad3Error(
-            f"{[str(f) for f in files]} hold {stats.tokens} tokens, fewer than one sequence of {seq_len}: give more text"
+            f"{str(prepared.root)!r} was prepared with tokenizer {made['name']!r}, the model uses {tokenizer.name!r}: set data.tokenizer={made['name']} or prepare again"
         )
-    return rows, stats
 
 
-def load_corpus(
-    files: list[Path], tokenizer: Tokenizer, seq_len: int, val_fraction: float, min_val_sequences: int = 1
-) -> Corpus:
-    """Training and held-out sequences; the held-out part is the tail of each file's documents."""
-    stats = CorpusStats()
-    train_docs: list[list[int]] = []
-    val_docs: list[list[int]] = []
-    for docs in _tokenized_files(files, tokenizer, stats):
-        n_val = max(1, round(len(docs) * val_fraction)) if len(docs) > 1 else 0
-        train_docs.extend(docs[: len(docs) - n_val])
-        val_docs.extend(docs[len(docs) - n_val :])
-    if stats.documents == 0:
+def prepared_data(source: DataRecipe | Path, tokenizer: Tokenizer, cache_dir: str | Path | None = None) -> PreparedData:
+    """Open a prepared directory, or prepare a recipe first (a no-op beyond size checks when already complete)."""
+    if isinstance(source, Path):
+        prepared = open_prepared(source)
+    else:
+        if source.tokenizer != tokenizer.name and load_tokenizer(source.tokenizer).vocab_hash != tokenizer.vocab_hash:
+            raise Sad3Error(
+                f"recipe {source.name!r} tokenizes with {source.tokenizer!r}, the model uses {tokenizer.name!r}: set data.tokenizer={source.tokenizer}"
+            )
+        result = prepare(source, tokenizer, cache_dir or default_cache_dir(), verify=False)
+        prepared = PreparedData(result.root, result.manifest)
+    _check_tokenizer(prepared, tokenizer)
+    return prepared
+
+
+def resolve_source(recipe: str, train_files: list[str], tokenizer: str, val_fraction: float) -> DataRecipe | Path:
+    """data.recipe (a recipe YAML or a prepared directory) if set, else the text files of data.train_files."""
+    if not recipe:
+        return files_recipe(train_files, tokenizer, val_fraction)
+    for path in (Path(recipe).expanduser(), REPO_ROOT / recipe):
+        if path.is_dir():
+            if not (path / MANIFEST).is_file():
+                raise Sad3Error(
+                    f"data.recipe={recipe!r} is a directory without {MANIFEST}: point it at a prepared directory or a recipe YAML"
+                )
+            return path
+        if path.is_file():
+            return load_recipe(path)
+    raise Sad3Error(
+        f"data.recipe={recipe!r} not found: give a recipe YAML (configs/data/*.yaml) or a prepared directory"
+    )
+
+
+def packed_split(prepared: PreparedData, split: str, seq_len: int, document_ids: bool = False) -> PackedSequences:
+    documents = prepared.split(split)
+    tok = prepared.manifest["tokenizer"]
+    return PackedSequences(documents.parts, documents.lengths, seq_len, tok["bos_id"], tok["eos_id"], document_ids)
+
+
+def load_corpus(data: DataConfig, tokenizer: Tokenizer, seq_len: int) -> Corpus:
+    """The training and validation splits named by a DataConfig, packed into rows of `seq_len`."""
+    if data.packing not in PACKINGS:
+        raise Sad3Error(f"unknown data.packing {data.packing!r}: choose one of {', '.join(PACKINGS)}")
+    source = resolve_source(data.recipe, data.train_files, data.tokenizer, data.val_fraction)
+    prepared = prepared_data(source, tokenizer, data.cache_dir or None)
+    manifest = prepared.manifest
+    if manifest["documents"] == 0:
         raise Sad3Error(
-            f"data files {[str(f) for f in files]} hold no text: point data.train_files at a non-empty corpus"
+            f"the data in {str(prepared.root)!r} holds no text ({manifest['skipped']}): point data.train_files or data.recipe at a non-empty corpus"
         )
-    train, stats.dropped_tail_tokens["train"] = pack(train_docs, seq_len, tokenizer.bos_id, tokenizer.eos_id)
-    val, stats.dropped_tail_tokens["val"] = pack(val_docs, seq_len, tokenizer.bos_id, tokenizer.eos_id)
+    by_document = data.packing == "document"
+    train = packed_split(prepared, "train", seq_len, by_document)
+    val = packed_split(prepared, "validation", seq_len, by_document)
     if len(train) == 0:
         raise Sad3Error(
-            f"the corpus has {stats.tokens} tokens, too few for one training sequence of {seq_len}: add text or lower model.seq_len"
+            f"the training split has {train.stats.tokens} tokens, too few for one sequence of {seq_len}: add text or lower model.seq_len"
         )
-    if len(val) < min_val_sequences:
+    if len(val) < data.min_val_sequences:
         raise Sad3Error(
-            f"the held-out split has {len(val)} sequences of {seq_len} tokens (need {min_val_sequences}): raise data.val_fraction or add text"
+            f"the held-out split has {len(val)} sequences of {seq_len} tokens (need {data.min_val_sequences}): raise data.val_fraction or add text"
         )
+    stats = CorpusStats(
+        prepared=str(prepared.root),
+        fingerprint=manifest["fingerprint"],
+        tokenizer=manifest["tokenizer"]["name"],
+        packing=data.packing,
+        documents=manifest["documents"],
+        tokens=manifest["tokens"],
+        skipped=manifest["skipped"],
+        train=train.stats.to_dict(),
+        val=val.stats.to_dict(),
+    )
     return Corpus(train, val, stats)
+
+
+def load_eval_sequences(
+    tokenizer: Tokenizer,
+    seq_len: int,
+    files: list[str] | None = None,
+    zero_shot: str | None = None,
+    zero_shot_path: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> PackedSequences:
+    """Every document of `files` (paragraphs), or zero-shot set `zero_shot` (hub, or `zero_shot_path` offline),
+    prepared with the model's tokenizer and packed like the training data."""
+    if zero_shot:
+        recipe = zero_shot_recipe(zero_shot, tokenizer.name, zero_shot_path)
+    elif files:
+        expand_paths(files, "--data")  # name the flag in the message if a file is missing
+        recipe = files_recipe(files, tokenizer.name, None, name="eval-files")
+    else:
+        raise Sad3Error("nothing to evaluate on: give files or a zero-shot set")
+    sequences = packed_split(prepared_data(recipe, tokenizer, cache_dir), "validation", seq_len)
+    if len(sequences) == 0:
+        raise Sad3Error(
+            f"{zero_shot or files} holds {sequences.stats.tokens} tokens, fewer than one sequence of {seq_len}: give more text"
+        )
+    return sequences

@@ -3,7 +3,10 @@ or any HuggingFace tokenizer directory. Each gets a [MASK] id for the absorbing 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from transformers import AutoTokenizer, BertTokenizerFast, GPT2TokenizerFast, PreTrainedTokenizerFast
@@ -35,6 +38,24 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    @cached_property
+    def vocab_hash(self) -> str:
+        """sha256 of the vocabulary (tokens in id order): what token shards must agree on."""
+        vocab = self.hf.get_vocab()
+        tokens = sorted(vocab, key=vocab.__getitem__)
+        return hashlib.sha256(json.dumps(tokens, ensure_ascii=False).encode()).hexdigest()
+
+    def identity(self) -> dict:
+        """Name, vocabulary hash and special ids, recorded in every shard manifest."""
+        return {
+            "name": self.name,
+            "vocab_hash": self.vocab_hash,
+            "vocab_size": len(self.hf),
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "mask_id": self.mask_id,
+        }
 
 
 def load_tokenizer(name: str) -> Tokenizer:

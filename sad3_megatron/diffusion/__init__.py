@@ -5,7 +5,9 @@ from sad3_megatron.diffusion.objective import (
     AutoregressiveObjective,
     BlockDiffusionObjective,
     LossTerms,
+    TrainingPass,
     build_objective,
+    loss_terms,
     weighted_nll,
 )
 from sad3_megatron.diffusion.schedules import SCHEDULES, NoiseSchedule, evaluation_schedule, make_schedule
@@ -17,6 +19,8 @@ __all__ = [
     "LossTerms",
     "NoiseSchedule",
     "NoisedBatch",
+    "TrainingPass",
+    "loss_terms",
     "build_objective",
     "evaluation_schedule",
     "make_schedule",

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from sad3_megatron.attention.masks import AttentionMask, doubled_positions
+from sad3_megatron.attention.masks import AttentionMask, DocumentMask, document_window_ids, doubled_positions
 from sad3_megatron.diffusion.forward import NoisedBatch, mask_blocks
 from sad3_megatron.diffusion.schedules import NoiseSchedule
 
@@ -29,6 +29,22 @@ class LossTerms:
     loss: torch.Tensor  # scalar to differentiate: NELBO (or NLL) per token of this batch
     nll_sum: torch.Tensor  # detached sum over tokens, for exact averaging across batches
     num_tokens: int
+
+
+@dataclass
+class TrainingPass:
+    """One batch laid out for the transformer: what goes in, what is scored, and how much each
+    scored token weighs. Pipeline-parallel training ships these pieces to different stages."""
+
+    tokens: torch.Tensor  # [b, s] transformer input
+    labels: torch.Tensor  # [b, n] targets of the first n positions
+    weights: torch.Tensor  # [b, n] per-token loss weights (0 where a token contributes nothing)
+
+
+def loss_terms(token_nll: torch.Tensor, weights: torch.Tensor) -> LossTerms:
+    """Eq. 8 per token: Σ weight × (-log p) / number of tokens."""
+    terms = weights * token_nll
+    return LossTerms(terms.mean(), terms.detach().sum(), terms.numel())
 
 
 def weighted_nll(token_nll: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
@@ -45,18 +61,44 @@ class BlockDiffusionObjective:
     def __init__(self, seq_len: int, block_size: int, schedule: NoiseSchedule, mask_id: int, antithetic: bool = True):
         self.seq_len, self.block_size = seq_len, block_size
         self.schedule, self.mask_id, self.antithetic = schedule, mask_id, antithetic
-        self.mask = AttentionMask.doubled(seq_len, block_size)
+        self.num_outputs = seq_len
+        if block_size == seq_len:
+            # One block (MDLM): nothing attends to the clean half, so it is left out; the mask is the
+            # doubled mask's window over x_t alone, and the pass costs half as much.
+            self.mask = AttentionMask.doubled(seq_len, block_size).first_rows(seq_len).first_cols(seq_len)
+            self.positions = torch.arange(seq_len)
+        else:
+            self.mask = AttentionMask.doubled(seq_len, block_size)
+            self.positions = doubled_positions(seq_len)
 
     def noise(
         self, x: torch.Tensor, generator: torch.Generator | None, schedule: NoiseSchedule | None = None
     ) -> NoisedBatch:
         return mask_blocks(x, self.block_size, schedule or self.schedule, self.mask_id, generator, self.antithetic)
 
-    def token_nll(self, model: Denoiser, x: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
+    def _tokens(self, x: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
+        return noised.x_t if self.block_size == self.seq_len else torch.cat([noised.x_t, x], dim=1)
+
+    def training_pass(
+        self, x: torch.Tensor, generator: torch.Generator | None, schedule: NoiseSchedule | None = None
+    ) -> TrainingPass:
+        noised = self.noise(x, generator, schedule)
+        weights = torch.where(noised.masked, noised.weight, torch.zeros_like(noised.weight))
+        return TrainingPass(self._tokens(x, noised), x, weights)
+
+    def attention_mask(self, document_ids: torch.Tensor | None = None) -> AttentionMask | DocumentMask:
+        """The training mask, intersected with "same document" when rows pack several documents."""
+        if document_ids is None:
+            return self.mask
+        return DocumentMask(self.mask, document_window_ids(document_ids, doubled=self.block_size < self.seq_len))
+
+    def token_nll(
+        self, model: Denoiser, x: torch.Tensor, noised: NoisedBatch, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """-log p_θ(x^b | x_t^b, x^{<b}) for every token, in ONE pass over x_t ⊕ x (Suppl. D)."""
-        tokens = torch.cat([noised.x_t, x], dim=1)
-        positions = doubled_positions(self.seq_len, x.device)
-        return model(tokens, positions, self.mask, num_outputs=self.seq_len, labels=x).token_nll
+        positions = self.positions.to(x.device)
+        mask = self.attention_mask(document_ids)
+        return model(self._tokens(x, noised), positions, mask, num_outputs=self.num_outputs, labels=x).token_nll
 
     def token_nll_naive(self, model: Denoiser, x: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
         """The same quantity by Alg. 1 written as a loop: one pass over x for the clean K/V, then
@@ -84,12 +126,25 @@ class BlockDiffusionObjective:
         generator: torch.Generator | None,
         schedule: NoiseSchedule | None = None,
         naive: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> LossTerms:
         noised = self.noise(x, generator, schedule)
-        return self.loss(model, x, noised, naive)
+        return self.loss(model, x, noised, naive, document_ids)
 
-    def loss(self, model: Denoiser, x: torch.Tensor, noised: NoisedBatch, naive: bool = False) -> LossTerms:
-        nll = (self.token_nll_naive if naive else self.token_nll)(model, x, noised)
+    def loss(
+        self,
+        model: Denoiser,
+        x: torch.Tensor,
+        noised: NoisedBatch,
+        naive: bool = False,
+        document_ids: torch.Tensor | None = None,
+    ) -> LossTerms:
+        if naive:
+            if document_ids is not None:
+                raise ValueError("the naive reference loop does not take document ids")
+            nll = self.token_nll_naive(model, x, noised)
+        else:
+            nll = self.token_nll(model, x, noised, document_ids)
         terms = weighted_nll(nll, noised)
         return LossTerms(terms.mean(), terms.detach().sum(), terms.numel())
 
@@ -99,12 +154,25 @@ class AutoregressiveObjective:
 
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
+        self.num_outputs = seq_len - 1
         self.mask = AttentionMask.causal(seq_len - 1)
+        self.positions = torch.arange(seq_len - 1)
 
-    def __call__(self, model: Denoiser, x: torch.Tensor, generator: torch.Generator | None = None, **_) -> LossTerms:
-        positions = torch.arange(self.seq_len - 1, device=x.device)
-        nll = model(x[:, :-1], positions, self.mask, labels=x[:, 1:]).token_nll
-        return LossTerms(nll.mean(), nll.detach().sum(), nll.numel())
+    def training_pass(self, x: torch.Tensor, generator: torch.Generator | None = None, schedule=None) -> TrainingPass:
+        return TrainingPass(x[:, :-1], x[:, 1:], torch.ones(x[:, 1:].shape, device=x.device))
+
+    def __call__(
+        self,
+        model: Denoiser,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        document_ids: torch.Tensor | None = None,
+        **_,
+    ) -> LossTerms:
+        batch = self.training_pass(x)
+        mask = self.mask if document_ids is None else DocumentMask(self.mask, document_ids[:, :-1])
+        nll = model(batch.tokens, self.positions.to(x.device), mask, labels=batch.labels).token_nll
+        return loss_terms(nll, batch.weights)
 
 
 def build_objective(

@@ -15,7 +15,7 @@ from sad3_megatron.diffusion import build_objective, make_schedule
 from sad3_megatron.engine.checkpoint import read_checkpoint
 from sad3_megatron.engine.distributed import init_distributed, resolve_device
 from sad3_megatron.errors import Sad3Error
-from sad3_megatron.model import SAD3Transformer, build_model, make_spec
+from sad3_megatron.model import SAD3Transformer, TransformerSpec, build_model, make_spec
 
 
 @dataclass
@@ -23,11 +23,14 @@ class Components:
     cfg: Config
     device: torch.device
     tokenizer: Tokenizer
-    model: SAD3Transformer
+    spec: TransformerSpec
+    model: SAD3Transformer | None  # None when a pipeline builds its own stages
     objective: object  # BlockDiffusionObjective | AutoregressiveObjective
 
 
-def build_components(cfg: Config, device: torch.device | None = None, backend: str | None = None) -> Components:
+def build_components(
+    cfg: Config, device: torch.device | None = None, backend: str | None = None, with_model: bool = True
+) -> Components:
     device = device or resolve_device(cfg.train.device)
     init_distributed(device, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -38,7 +41,7 @@ def build_components(cfg: Config, device: torch.device | None = None, backend: s
         resolve_backend(backend or cfg.model.attention_backend, device),
     )
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every run and every parallel layout
-    model = build_model(spec, device)
+    model = build_model(spec, device) if with_model else None
     d = cfg.diffusion
     objective = build_objective(
         d.objective,
@@ -48,7 +51,7 @@ def build_components(cfg: Config, device: torch.device | None = None, backend: s
         tokenizer.mask_id,
         d.antithetic,
     )
-    return Components(cfg, device, tokenizer, model, objective)
+    return Components(cfg, device, tokenizer, spec, model, objective)
 
 
 def load_components(

@@ -37,9 +37,17 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(
-    engine, root: Path, step: int, client_state: dict, cfg: Config, ema_shadow: dict | None, keep_last: int
+    engine,
+    root: Path,
+    step: int,
+    client_state: dict,
+    cfg: Config,
+    weights: dict[str, torch.Tensor],
+    ema_weights: dict[str, torch.Tensor] | None,
+    keep_last: int,
 ) -> Path:
-    """Save everything needed to resume at `step`; returns the checkpoint directory."""
+    """Save everything needed to resume at `step` (every rank calls this), plus the consolidated
+    `weights` / `ema_weights` in the TP = 1 layout (written by rank 0). Returns the directory."""
     root.mkdir(parents=True, exist_ok=True)
     tag, tmp_tag = step_name(step), f".tmp-{step_name(step)}"
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
@@ -48,16 +56,13 @@ def save_checkpoint(
     if dist.is_initialized():
         dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+    if dist.is_initialized():
+        dist.barrier()  # every rank's shards are on disk before the directory is published
     if is_writer:
         tmp = root / tmp_tag
-        weights = {
-            k: v.detach().float().contiguous().cpu()
-            for k, v in engine.module.state_dict().items()
-            if torch.is_tensor(v)
-        }
         save_file(weights, str(tmp / "model.safetensors"))
-        if ema_shadow is not None:
-            save_file({k: v.contiguous().cpu() for k, v in ema_shadow.items()}, str(tmp / "ema.safetensors"))
+        if ema_weights is not None:
+            save_file(ema_weights, str(tmp / "ema.safetensors"))
         save_config(cfg, tmp / "config.yaml")
         final = root / tag
         if final.exists():

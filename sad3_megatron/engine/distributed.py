@@ -28,6 +28,11 @@ def init_distributed(device: torch.device, tensor_parallel: int = 1, pipeline_pa
                 RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
             )
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if pipeline_parallel > 1:
+        import deepspeed
+
+        # DeepSpeed's communication layer wraps the same group: its PipelineModule needs it at build time.
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
 

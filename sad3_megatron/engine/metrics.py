@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from sad3_megatron.config import Config
+from sad3_megatron.errors import Sad3Error
+
 
 class MetricsLog:
-    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool, progress_bar: bool):
+    def __init__(
+        self,
+        path: Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        progress_bar: bool,
+        wandb_mode: str = "off",
+        config: Config | None = None,
+    ):
         """Append to `path`, first dropping records past `start_step` (left by a run that died after
         logging but before its next checkpoint), so the file always describes one consistent run."""
         self.enabled = enabled
@@ -23,6 +36,7 @@ class MetricsLog:
             )
             path.write_text("".join(line + "\n" for line in kept))
             self.file = path.open("a")
+        self.wandb = _start_wandb(wandb_mode, path.parent, config) if enabled and wandb_mode != "off" else None
         # disable=None turns the bar off when stdout is not a terminal (CI logs); eval lines are printed instead.
         self.bar = tqdm(
             total=total_steps,
@@ -39,6 +53,8 @@ class MetricsLog:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
         self.file.flush()
         shown = {k: record[k] for k in ("loss", "val_nelbo", "lr", "tokens_per_s") if k in record}
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
@@ -49,5 +65,22 @@ class MetricsLog:
 
     def close(self) -> None:
         self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.file:
             self.file.close()
+
+
+def _start_wandb(mode: str, run_dir: Path, config: Config | None):
+    """A wandb run tied to the run directory, so a resumed run continues the same wandb run."""
+    try:
+        import wandb
+    except ImportError:
+        raise Sad3Error(
+            f"train.wandb={mode} needs the wandb package: pip install -e '.[wandb]', or set train.wandb=off"
+        ) from None
+    run_id = "sad3-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    return wandb.init(
+        project="sad3", name=config.run.name if config else None, id=run_id, resume="allow", mode=mode,
+        dir=str(run_dir), config=config.to_dict() if config else None,
+    )  # fmt: skip

@@ -16,17 +16,30 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-from sad3_megatron.config import Config, resolve_data_files, save_config
+from sad3_megatron.config import Config, save_config
 from sad3_megatron.data import batch_rows, load_corpus
 from sad3_megatron.engine.build import build_components
-from sad3_megatron.engine.checkpoint import latest_checkpoint, load_ema, load_training_state, save_checkpoint
+from sad3_megatron.engine.checkpoint import (
+    latest_checkpoint,
+    load_ema,
+    load_training_state,
+    read_checkpoint,
+    save_checkpoint,
+)
+from sad3_megatron.engine.consolidate import gather_tensor_parallel, model_tensors, shard_tensor_parallel
 from sad3_megatron.engine.distributed import data_parallel_info, rank
 from sad3_megatron.engine.ema import EMA
+from sad3_megatron.engine.flops import peak_tflops, training_flops_per_sequence
 from sad3_megatron.engine.lr_schedule import lr_multiplier
 from sad3_megatron.engine.metrics import MetricsLog
+from sad3_megatron.engine.mpu import MegatronMPU
+from sad3_megatron.engine.pipeline import build_pipeline, pipeline_bound, to_canonical, to_local
+from sad3_megatron.engine.plan import gradient_accumulation
 from sad3_megatron.errors import Sad3Error
 from sad3_megatron.evaluation import estimate_bound
+from sad3_megatron.model import model_parallel_config
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -43,8 +56,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
-def step_seed(seed: int, step: int, micro: int, dp_rank: int) -> int:
-    return (seed * 1_000_003 + step) * 1_009 * 64 + micro * 64 + dp_rank
+def step_seed(seed: int, step: int, slot: int) -> int:
+    """Seed of one micro-batch slot of one optimizer step. A slot is the micro-batch's place in the
+    global batch (micro × dp_size + dp_rank), so any DP × accumulation split of the same global
+    batch draws the same noise for the same rows."""
+    return (seed * 1_000_003 + step) * 1_000_033 + slot
 
 
 def _optional_float(value) -> float | None:
@@ -73,11 +89,75 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def _grad_norm(engine) -> float | None:
-    """Global gradient norm before clipping; ZeRO stages report their own (sharded) norm."""
+    """Global gradient norm before clipping, over tensor-parallel shards (replicated parameters
+    counted once). ZeRO stages report their own norm after the step instead."""
     if engine.zero_optimization_stage() > 0:
         return None  # read after the step from engine.get_global_grad_norm()
-    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            square = p.grad.detach().double().pow(2).sum().cpu()
+            if getattr(p, "tensor_model_parallel", False):
+                sharded += square
+            else:
+                replicated += square
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
+    return float((sharded + replicated).sqrt())
+
+
+def _resume_point(resume: str, ckpt_root: Path, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: the newest in the run (auto), none, or an explicit one."""
+    if resume == "auto":
+        return latest_checkpoint(ckpt_root)
+    if resume == "none":
+        if latest_checkpoint(ckpt_root) is not None:
+            raise Sad3Error(
+                f"{str(run_dir)!r} already holds checkpoints: use train.resume=auto to continue or a new run.out_dir"
+            )
+        return None
+    path = Path(resume)
+    if not (path / "config.yaml").is_file():
+        raise Sad3Error(
+            f"train.resume={resume!r} is not a checkpoint directory: use auto, none, or a checkpoints/step_* path"
+        )
+    return path
+
+
+def local_weights(weights: dict[str, torch.Tensor], module: torch.nn.Module, pipeline_layers: int | None) -> dict:
+    """Consolidated (TP = 1, whole-model) tensors → this rank's pipeline stage and TP shard."""
+    if pipeline_layers is not None:
+        weights = to_local(weights, module, pipeline_layers)
+    return shard_tensor_parallel(weights, module)
+
+
+def _load_weights(module: torch.nn.Module, checkpoint: str, zero3: bool, pipeline_layers: int | None) -> None:
+    """Start from another run's consolidated weights (stage 2 of a recipe); optimizer starts fresh."""
+    _, weights, path = read_checkpoint(checkpoint, use_ema=False)
+    gathered = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0) if zero3 else nullcontext()
+    with gathered:
+        missing, unexpected = module.load_state_dict(local_weights(weights, module, pipeline_layers), strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise Sad3Error(
+            f"train.init_from={checkpoint!r} ({path}) does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+
+
+def _micro_batch(corpus, cfg: Config, step: int, slot: int, device: torch.device):
+    """Rows, document ids (None unless packed by document) and noise generator of one micro-batch
+    slot of one step: pure functions of (seed, step, slot), hence exact on resume."""
+    t = cfg.train
+    dp_size = parallel_state.get_data_parallel_world_size()
+    micro, dp_rank = divmod(slot, dp_size)
+    rows = batch_rows(
+        len(corpus.train), step, micro, t.micro_batch_size, t.grad_accum_steps, cfg.run.seed, dp_rank, dp_size
+    )
+    batch = corpus.train.batch(rows)
+    x = torch.as_tensor(batch.tokens, device=device)
+    document_ids = None if batch.document_ids is None else torch.as_tensor(batch.document_ids, device=device)
+    return x, document_ids, torch.Generator().manual_seed(step_seed(cfg.run.seed, step, slot))
 
 
 @dataclass
@@ -91,54 +171,59 @@ class TrainResult:
 def train(cfg: Config) -> TrainResult:
     run_dir = Path(cfg.run.out_dir)
     t, seq_len = cfg.train, cfg.model.seq_len
-    parts = build_components(cfg)
-    device, model, objective = parts.device, parts.model, parts.objective
-    corpus = load_corpus(
-        resolve_data_files(cfg.data.train_files),
-        parts.tokenizer,
-        seq_len,
-        cfg.data.val_fraction,
-        cfg.data.min_val_sequences,
-    )
+    pipelined = cfg.parallel.pipeline_parallel > 1
+    parts = build_components(cfg, with_model=not pipelined)
+    device, objective, spec = parts.device, parts.objective, parts.spec
+    pipeline_layers = spec.num_layers if pipelined else None
+    if pipelined:
+        model = build_pipeline(spec, model_parallel_config(), objective, base_seed=cfg.run.seed).to(device)
+    else:
+        model = parts.model
+    corpus = load_corpus(cfg.data, parts.tokenizer, seq_len)  # prepares token shards on first use
+    if corpus.train.document_ids and pipelined:
+        raise Sad3Error("data.packing=document is not available with pipeline parallelism yet: use data.packing=wrap")
     dp_rank, dp_size = data_parallel_info()
     is_main = rank() == 0
+    t.grad_accum_steps = gradient_accumulation(cfg, dp_size)  # from train.global_batch_size when set
 
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, t.warmup_steps, t.steps, t.lr_schedule, t.min_lr / t.lr)
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg), dist_init_required=False
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg),
+        mpu=MegatronMPU() if cfg.parallel.tensor_parallel > 1 and not pipelined else None,
+        dist_init_required=False,
     )
+    zero3 = cfg.parallel.zero_stage == 3
+    if zero3 and t.ema_decay > 0:
+        raise Sad3Error(
+            "EMA is not supported with ZeRO-3 (its weights are partitioned): set train.ema_decay=0 or use ZeRO-1/2"
+        )
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = _resume_point(t.resume, ckpt_root, run_dir)
+    if t.init_from and resume_from is None:
+        _load_weights(engine.module, t.init_from, zero3, pipeline_layers)
     ema = EMA(engine.module, t.ema_decay) if t.ema_decay > 0 else None
     amp = autocast_dtype(t.precision, device)
 
-    ckpt_root = run_dir / "checkpoints"
     start_step, tokens_seen = 0, 0
-    resume_from = None
-    if t.resume == "auto":
-        resume_from = latest_checkpoint(ckpt_root)
-    elif t.resume != "none":
-        resume_from = Path(t.resume)
-        if not (resume_from / "config.yaml").is_file():
-            raise Sad3Error(
-                f"train.resume={t.resume!r} is not a checkpoint directory: use auto, none, or a checkpoints/step_* path"
-            )
-    elif latest_checkpoint(ckpt_root) is not None:
-        raise Sad3Error(
-            f"{str(run_dir)!r} already holds checkpoints: use train.resume=auto to continue or a new run.out_dir"
-        )
     if resume_from is not None:
         state = load_training_state(engine, resume_from)
         start_step, tokens_seen = state["step"], state["tokens"]
         if ema is not None:
-            ema.load_state_dict(load_ema(resume_from), state["ema_updates"])
+            ema.load_state_dict(
+                local_weights(load_ema(resume_from), engine.module, pipeline_layers), state["ema_updates"]
+            )
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "data_stats.json").write_text(json.dumps(vars(corpus.stats), indent=1))
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(p.numel() for p in model.parameters())  # this rank's share under TP / PP
         resumed = f", resuming from {resume_from.name}" if resume_from else ""
         print(
             f"sad3 train: {cfg.model.preset} model, {n_params / 1e6:.2f}M parameters, L={seq_len}, "
@@ -147,16 +232,23 @@ def train(cfg: Config) -> TrainResult:
             flush=True,
         )
 
-    log = MetricsLog(run_dir / "metrics.jsonl", t.steps, start_step, is_main, t.progress_bar)
+    log = MetricsLog(run_dir / "metrics.jsonl", t.steps, start_step, is_main, t.progress_bar, t.wandb, cfg)
     global_batch = t.micro_batch_size * t.grad_accum_steps * dp_size
+    step_flops = global_batch * training_flops_per_sequence(
+        spec.num_layers, spec.hidden_size, spec.ffn_hidden_size, spec.padded_vocab_size, seq_len,
+        cfg.diffusion.block_size, cfg.diffusion.objective,
+    )  # fmt: skip
+    peak = peak_tflops(device, t.peak_tflops)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    window_steps = 0
     started = time.perf_counter()
     window_start, window_tokens = started, 0
     loss_value, val = None, None
 
     def evaluate() -> dict:
         with ema.applied(engine.module) if ema is not None else nullcontext():
-            bound = estimate_bound(
-                engine.module,
+            bound = (pipeline_bound if pipelined else estimate_bound)(
+                engine if pipelined else engine.module,
                 objective,
                 corpus.val[: t.eval_batches * t.micro_batch_size],
                 device,
@@ -167,6 +259,18 @@ def train(cfg: Config) -> TrainResult:
             )
         return bound.to_dict()
 
+    def consolidated_weights() -> tuple[dict, dict | None]:
+        """Model and EMA weights in the TP = 1 layout (collective over TP; ZeRO-3 gathers first)."""
+        module = engine.module
+        gathered = deepspeed.zero.GatheredParameters(list(module.parameters())) if zero3 else nullcontext()
+        with gathered:
+            weights = gather_tensor_parallel(model_tensors(module), module)
+        ema_weights = gather_tensor_parallel(ema.shadow, module) if ema else None
+        if pipelined:
+            weights = to_canonical(weights, spec.num_layers)
+            ema_weights = to_canonical(ema_weights, spec.num_layers) if ema else None
+        return weights, ema_weights
+
     def checkpoint(step: int) -> None:
         save_checkpoint(
             engine,
@@ -174,7 +278,7 @@ def train(cfg: Config) -> TrainResult:
             step,
             {"step": step, "tokens": tokens_seen, "ema_updates": ema.updates if ema else 0},
             cfg,
-            ema.shadow if ema else None,
+            *consolidated_weights(),
             t.keep_last,
         )
 
@@ -183,16 +287,22 @@ def train(cfg: Config) -> TrainResult:
         loss_sum = torch.zeros((), device=device)
         logging_step = (step + 1) % t.log_interval == 0 or step + 1 == t.steps
         grad_norm = None
-        for micro in range(t.grad_accum_steps):
-            seed = step_seed(cfg.run.seed, step, micro, dp_rank)
-            torch.manual_seed(seed)  # dropout
-            generator = torch.Generator().manual_seed(seed)  # the forward process
-            rows = batch_rows(
-                len(corpus.train), step, micro, t.micro_batch_size, t.grad_accum_steps, cfg.run.seed, dp_rank, dp_size
-            )
-            x = torch.as_tensor(corpus.train[rows], device=device)
+        if pipelined:  # DeepSpeed's engine runs the micro-batches through the stages and steps
+            passes = [
+                objective.training_pass(x, generator)
+                for x, _, generator in (
+                    _micro_batch(corpus, cfg, step, micro * dp_size + dp_rank, device)
+                    for micro in range(t.grad_accum_steps)
+                )
+            ]
+            loss_sum += engine.train_batch(iter([(p.tokens, (p.labels, p.weights)) for p in passes])).detach()
+            loss_sum *= t.grad_accum_steps  # train_batch returns the mean over micro-batches and ranks
+        for micro in range(0 if pipelined else t.grad_accum_steps):
+            slot = micro * dp_size + dp_rank
+            torch.manual_seed(step_seed(cfg.run.seed, step, slot))  # dropout
+            x, document_ids, generator = _micro_batch(corpus, cfg, step, slot, device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                terms = objective(engine, x, generator)
+                terms = objective(engine, x, generator, document_ids=document_ids)
             engine.backward(terms.loss)
             if micro == t.grad_accum_steps - 1 and logging_step:
                 grad_norm = _grad_norm(engine)
@@ -202,28 +312,32 @@ def train(cfg: Config) -> TrainResult:
             ema.update(engine.module)
         tokens_seen += global_batch * seq_len
         window_tokens += global_batch * seq_len
+        window_steps += 1
         done = step + 1
         log.step()
 
         if done % t.log_interval == 0 or done == t.steps:
             loss = loss_sum / t.grad_accum_steps
-            if dist.is_initialized() and dp_size > 1:
-                dist.all_reduce(loss)
-                loss /= dist.get_world_size()
+            if dp_size > 1 and not pipelined:
+                dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+                loss /= dp_size
             now = time.perf_counter()
             loss_value = loss.item()
+            tflops = step_flops * window_steps / (now - window_start) / world / 1e12  # per device
             log.log(
                 {
                     "step": done,
                     "loss": loss_value,
                     "lr": scheduler.get_last_lr()[0],
+                    "tflops_per_device": tflops,
+                    "mfu": tflops / peak if peak else None,
                     "grad_norm": grad_norm if grad_norm is not None else _optional_float(engine.get_global_grad_norm()),
                     "tokens": tokens_seen,
                     "tokens_per_s": window_tokens / (now - window_start),
                     "elapsed": now - started,
                 }
             )
-            window_start, window_tokens = now, 0
+            window_start, window_tokens, window_steps = now, 0, 0
         if done % t.eval_interval == 0 or done == t.steps:
             val = evaluate()
             log.log(

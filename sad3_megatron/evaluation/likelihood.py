@@ -29,6 +29,14 @@ class BoundEstimate:
         return asdict(self)
 
 
+def rows_and_documents(sequences, start: int, stop: int, device: torch.device):
+    """Rows [start, stop) as a tensor, with their document ids when the rows were packed by document."""
+    if getattr(sequences, "document_ids", False):
+        batch = sequences.batch(np.arange(start, min(stop, len(sequences))))
+        return torch.as_tensor(batch.tokens, device=device), torch.as_tensor(batch.document_ids, device=device)
+    return torch.as_tensor(sequences[start:stop], device=device), None
+
+
 @torch.no_grad()
 def estimate_bound(
     model,
@@ -53,9 +61,9 @@ def estimate_bound(
         generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
         total, tokens = 0.0, 0
         for start in range(0, len(sequences), batch_size):
-            x = torch.as_tensor(sequences[start : start + batch_size], device=device)
+            x, document_ids = rows_and_documents(sequences, start, start + batch_size, device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                terms = objective(model, x, generator, schedule=schedule)
+                terms = objective(model, x, generator, schedule=schedule, document_ids=document_ids)
             total += terms.nll_sum.item()
             tokens += terms.num_tokens
         per_draw.append(total / tokens)

@@ -21,15 +21,28 @@ def make_spec(cfg: ModelConfig, vocab_size: int, mask_id: int, backend: str) -> 
     )
 
 
-def build_model(spec: TransformerSpec, device: torch.device) -> SAD3Transformer:
-    """Instantiate x_θ for this rank's tensor-parallel shard (parallel_state must be initialized)."""
-    mp = ModelParallelConfig(
+def model_parallel_config() -> ModelParallelConfig:
+    """megatron-core layer settings for this process's tensor-parallel group."""
+    return ModelParallelConfig(
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         use_cpu_initialization=True,  # identical init on every TP layout; GPU init needs CUDA RNG trackers
         perform_initialization=True,
         params_dtype=torch.float32,
     )
-    return SAD3Transformer(spec, mp).to(device)
 
 
-__all__ = ["KV", "PRESETS", "ModelOutput", "SAD3Transformer", "TransformerSpec", "build_model", "make_spec"]
+def build_model(spec: TransformerSpec, device: torch.device) -> SAD3Transformer:
+    """Instantiate x_θ for this rank's tensor-parallel shard (parallel_state must be initialized)."""
+    return SAD3Transformer(spec, model_parallel_config()).to(device)
+
+
+__all__ = [
+    "KV",
+    "PRESETS",
+    "ModelOutput",
+    "SAD3Transformer",
+    "TransformerSpec",
+    "build_model",
+    "make_spec",
+    "model_parallel_config",
+]

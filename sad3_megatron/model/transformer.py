@@ -40,8 +40,10 @@ class TransformerSpec:
 
     @property
     def padded_vocab_size(self) -> int:
-        """Vocabulary padded to a multiple of 128 × TP so the output layer shards evenly."""
-        multiple = 128 * parallel_state.get_tensor_model_parallel_world_size()
+        """Vocabulary padded to a multiple of 128 (of 128 × TP when TP does not divide 128), so the
+        output layer shards evenly and power-of-two TP layouts share one consolidated shape."""
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        multiple = 128 if 128 % tp == 0 else 128 * tp
         return math.ceil(self.vocab_size / multiple) * multiple
 
 
@@ -138,35 +140,71 @@ class TransformerLayer(nn.Module):
         return h + self.dropout(self.mlp(self.norm2(h))), kv
 
 
+class Embedding(nn.Module):
+    """Token ids [b, s] → hidden states [s, b, hidden] (vocabulary-sharded under TP)."""
+
+    def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig):
+        super().__init__()
+        self.embed = tensor_parallel.VocabParallelEmbedding(
+            spec.padded_vocab_size, spec.hidden_size, init_method=_normal_init(0.02), config=mp
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens).transpose(0, 1).contiguous()  # contiguous: pipeline stages send it
+
+
+class OutputHead(nn.Module):
+    """Final LayerNorm and the vocabulary-sharded output layer, returning fp32 logits of this rank's
+    vocabulary shard with padding ids and the mask token at -inf.
+
+    Never predicting [MASK] is the SUBS parameterization (Sahoo et al., 2024) that the NELBO of
+    Eq. 7 assumes."""
+
+    def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig):
+        super().__init__()
+        self.spec = spec
+        self.norm = nn.LayerNorm(spec.hidden_size)
+        self.output = tensor_parallel.ColumnParallelLinear(
+            spec.hidden_size, spec.padded_vocab_size, config=mp, init_method=_normal_init(0.02), bias=False,
+            gather_output=False,
+        )  # fmt: skip
+        shard = spec.padded_vocab_size // parallel_state.get_tensor_model_parallel_world_size()
+        ids = torch.arange(shard) + parallel_state.get_tensor_model_parallel_rank() * shard
+        blocked = torch.nonzero((ids >= spec.vocab_size) | (ids == spec.mask_id)).flatten()
+        self.register_buffer("blocked_ids", blocked, persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.output(self.norm(h))[0].float()
+        logits[..., self.blocked_ids] = float("-inf")  # a few columns, in place: no vocabulary-sized copy
+        return logits
+
+
+def shard_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy [b, n] of labels [b, n] from vocabulary-sharded logits [n, b, V/TP]."""
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
+def init_seed(base: int, component: int) -> None:
+    """Seed each component's initialisation on its own, so a pipeline stage that builds only some
+    layers gets exactly the weights the whole model would have."""
+    torch.manual_seed(base * 1_000_003 + component)
+
+
 class SAD3Transformer(nn.Module):
     def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig):
         super().__init__()
         self.spec = spec
-        self.embedding = tensor_parallel.VocabParallelEmbedding(
-            spec.padded_vocab_size, spec.hidden_size, init_method=_normal_init(0.02), config=mp
-        )
+        base = torch.initial_seed()
+        init_seed(base, 0)
+        self.embedding = Embedding(spec, mp)
         self.rotary = RotaryEmbedding(spec.hidden_size // spec.num_heads, spec.rotary_base)
-        self.layers = nn.ModuleList(TransformerLayer(spec, mp) for _ in range(spec.num_layers))
-        self.final_norm = nn.LayerNorm(spec.hidden_size)
-        self.output = tensor_parallel.ColumnParallelLinear(
-            spec.hidden_size,
-            spec.padded_vocab_size,
-            config=mp,
-            init_method=_normal_init(0.02),
-            bias=False,
-            gather_output=False,
-        )
-        self.register_buffer("blocked_ids", self._blocked_ids(), persistent=False)
-
-    def _blocked_ids(self) -> torch.Tensor:
-        """Shard-local ids whose logit is -inf: vocabulary padding and the mask token.
-
-        Never predicting [MASK] is the SUBS parameterization (Sahoo et al., 2024) that the NELBO
-        of Eq. 7 assumes."""
-        shard = self.spec.padded_vocab_size // parallel_state.get_tensor_model_parallel_world_size()
-        start = parallel_state.get_tensor_model_parallel_rank() * shard
-        ids = torch.arange(start, start + shard)
-        return torch.nonzero((ids >= self.spec.vocab_size) | (ids == self.spec.mask_id)).flatten()
+        layers = []
+        for i in range(spec.num_layers):
+            init_seed(base, 1 + i)
+            layers.append(TransformerLayer(spec, mp))
+        self.layers = nn.ModuleList(layers)
+        init_seed(base, 1 + spec.num_layers)
+        self.head = OutputHead(spec, mp)
 
     def forward(
         self,
@@ -186,7 +224,7 @@ class SAD3Transformer(nn.Module):
         `labels` [b, n] turns the output into per-token cross-entropy, computed shard-wise.
         """
         keep = tokens.shape[1] if num_outputs is None else num_outputs
-        h = self.embedding(tokens).transpose(0, 1)  # [s, b, hidden]
+        h = self.embedding(tokens)
         rope = self.rotary(positions)
         new_kv: list[KV] = []
         last = len(self.layers) - 1
@@ -195,13 +233,10 @@ class SAD3Transformer(nn.Module):
             layer_mask = mask.first_rows(rows) if mask is not None else None
             h, kv = layer(h, rope, layer_mask, past_kv[i] if past_kv is not None else None, rows)
             new_kv.append(kv)
-        logits, _ = self.output(self.final_norm(h))
-        logits = logits.float()
-        logits[..., self.blocked_ids] = float("-inf")  # a few columns, in place: no vocabulary-sized copy
+        logits = self.head(h)
         kv_out = new_kv if return_kv else None
         if labels is not None:
-            nll = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
-            return ModelOutput(None, nll.transpose(0, 1), kv_out)
+            return ModelOutput(None, shard_nll(logits, labels), kv_out)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[..., : self.spec.vocab_size]
         return ModelOutput(logits.transpose(0, 1), None, kv_out)
 

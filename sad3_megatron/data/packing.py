@@ -1,0 +1,142 @@
+"""Concatenate-and-wrap (Suppl. F): documents framed as [BOS] doc [EOS] — one separator when BOS = EOS, as for
+GPT-2 — laid end to end and cut into rows of L tokens, no padding, no truncation. A document longer than L simply
+continues in the next row. The final partial row is not used and its tokens are counted.
+
+Rows are assembled on demand from the shards' flat token arrays (memory-mapped), so a corpus of any size costs
+one int64 per document in memory. With `document_ids=True` each row also carries, per position, the index of the
+document it belongs to (0, 1, ... within the row; separators belong to their document), so attention can be kept
+inside documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class PackingStats:
+    seq_len: int
+    documents: int
+    tokens: int  # document tokens, separators excluded
+    separators: int  # BOS/EOS tokens added between documents
+    rows: int
+    tail_tokens: int  # tokens of the final partial row (not used; counted, not silently lost)
+    documents_longer_than_context: int  # framed length > L: spread over several rows, nothing truncated
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Batch:
+    tokens: np.ndarray  # [b, L] int64
+    document_ids: np.ndarray | None  # [b, L] int64: which document (counted from 0 in each row) a position is in
+
+
+class PackedSequences:
+    """The wrapped rows of one split. Indexing with an int, a slice or an index array returns the token rows
+    (a numpy array, so it drops into code that expects `[n, L]` arrays); `batch(...)` adds the document ids."""
+
+    def __init__(
+        self,
+        parts: Sequence[np.ndarray],
+        lengths: Sequence[np.ndarray],
+        seq_len: int,
+        bos: int,
+        eos: int,
+        document_ids: bool = False,
+    ):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.seq_len, self.bos, self.eos, self.document_ids = seq_len, bos, eos, document_ids
+        self._parts = list(parts)
+        self._part_starts = np.concatenate([[0], np.cumsum([len(p) for p in self._parts])]).astype(np.int64)
+        doc_lengths = np.concatenate([np.asarray(x, np.int64) for x in lengths]) if lengths else np.zeros(0, np.int64)
+        if doc_lengths.sum() != self._part_starts[-1]:
+            raise ValueError("document lengths do not add up to the tokens given")
+        self._k = 1 if bos == eos else 2  # separators per document
+        # _frame_starts[d]: where document d's frame ([BOS] tokens EOS) starts in the packed stream.
+        self._frame_starts = np.concatenate([[0], np.cumsum(doc_lengths + self._k)]).astype(np.int64)
+        total = int(self._frame_starts[-1])
+        self.stats = PackingStats(
+            seq_len=seq_len,
+            documents=len(doc_lengths),
+            tokens=int(doc_lengths.sum()),
+            separators=self._k * len(doc_lengths),
+            rows=total // seq_len,
+            tail_tokens=total % seq_len,
+            documents_longer_than_context=int(((doc_lengths + self._k) > seq_len).sum()),
+        )
+
+    def __len__(self) -> int:
+        return self.stats.rows
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, int | np.integer):
+            return self.batch(np.array([index])).tokens[0]
+        return self.batch(index).tokens
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype)
+
+    def _rows(self, index) -> np.ndarray:
+        n = len(self)
+        if isinstance(index, slice):
+            return np.arange(*index.indices(n), dtype=np.int64)
+        rows = np.asarray(index, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < -n or rows.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        return np.where(rows < 0, rows + n, rows)
+
+    def _gather(self, flat: np.ndarray) -> np.ndarray:
+        """Tokens at positions of the concatenation of all parts."""
+        if len(self._parts) == 1:
+            return np.asarray(self._parts[0][flat], dtype=np.int64)
+        out = np.empty(flat.shape, np.int64)
+        part = np.searchsorted(self._part_starts, flat, side="right") - 1
+        for p in np.unique(part):
+            here = part == p
+            out[here] = self._parts[p][flat[here] - self._part_starts[p]]
+        return out
+
+    def batch(self, index) -> Batch:
+        rows = self._rows(index)
+        b, L, k, V = len(rows), self.seq_len, self._k, self._frame_starts
+        starts = rows * L
+        first = np.searchsorted(V, starts, side="right") - 1  # document at each row's first position
+        last = np.searchsorted(V, starts + L - 1, side="right") - 1
+        # Document index per position: the first document plus the document starts passed so far.
+        marks = np.zeros((b, L), np.int64)
+        starts_inside = last - first
+        if starts_inside.sum():
+            row_of = np.repeat(np.arange(b), starts_inside)
+            nth = np.arange(len(row_of)) - np.repeat(np.cumsum(starts_inside) - starts_inside, starts_inside)
+            doc = first[row_of] + 1 + nth
+            marks[row_of, V[doc] - starts[row_of]] = 1
+        docs = first[:, None] + np.cumsum(marks, axis=1)
+        offset = starts[:, None] + np.arange(L) - V[docs]  # position inside the document's frame
+        frame = V[docs + 1] - V[docs]
+        is_eos = offset == frame - 1
+        is_bos = (offset == 0) if k == 2 else np.zeros_like(is_eos)
+        tokens = np.empty((b, L), np.int64)
+        tokens[is_eos] = self.eos
+        tokens[is_bos] = self.bos
+        inner = ~(is_eos | is_bos)
+        # Token position in the flat arrays: the document's first token (frame start minus the separators
+        # of earlier documents) plus the offset past its BOS.
+        flat = V[docs] - k * docs + offset - (k - 1)
+        tokens[inner] = self._gather(flat[inner])
+        return Batch(tokens, docs - first[:, None] if self.document_ids else None)
+
+
+def pack_documents(
+    documents: Sequence[Sequence[int]], seq_len: int, bos: int, eos: int, document_ids: bool = False
+) -> PackedSequences:
+    """Pack token lists held in memory (tests, small evaluation sets) exactly as shards are packed."""
+    lengths = np.array([len(d) for d in documents], np.int64)
+    flat = np.fromiter((t for d in documents for t in d), np.int64, count=int(lengths.sum()))
+    return PackedSequences([flat], [lengths], seq_len, bos, eos, document_ids)

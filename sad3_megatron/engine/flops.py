@@ -1,0 +1,61 @@
+"""Model FLOPs of a training step, and MFU against the device's dense bf16 peak.
+
+Counted as 2 FLOPs per multiply-add in the forward pass and 3× that for forward + backward:
+linear layers see every token of the doubled sequence x_t ⊕ x (L tokens for MDLM and AR, 2L for
+block diffusion), attention costs 4·d per visible query/key pair (scores and values, taken from
+the mask itself, so block-sparse kernels are credited only with the pairs they must compute), and
+the output layer sees only the L noisy positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sad3_megatron.attention.masks import AttentionMask
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A6000": 155.0,
+    "A5000": 111.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
+
+
+def visible_pairs(mask: AttentionMask) -> int:
+    return int(mask.dense().sum())
+
+
+def training_flops_per_sequence(
+    num_layers: int, hidden: int, ffn: int, vocab: int, seq_len: int, block_size: int, objective: str
+) -> float:
+    """Forward + backward model FLOPs for one training sequence of length L."""
+    if objective == "ar":
+        tokens, pairs = seq_len - 1, visible_pairs(AttentionMask.causal(seq_len - 1))
+        outputs = seq_len - 1
+    elif block_size == seq_len:  # MDLM: the clean half is not run at all
+        tokens, pairs, outputs = seq_len, seq_len * seq_len, seq_len
+    else:
+        tokens, pairs, outputs = 2 * seq_len, visible_pairs(AttentionMask.doubled(seq_len, block_size)), seq_len
+    linear = 2 * tokens * num_layers * (4 * hidden * hidden + 2 * hidden * ffn)
+    attention = 4 * pairs * hidden * num_layers
+    output = 2 * outputs * hidden * vocab
+    return 3.0 * (linear + attention + output)
+
+
+def peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
+    """The device's dense bf16 peak, or None where unknown (CPUs): MFU is then not reported."""
+    if override > 0:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None

@@ -1,0 +1,142 @@
+"""Pipeline parallelism with DeepSpeed's PipelineEngine, from the model's own building blocks.
+
+The stages are the classes of `model/transformer.py` (Embedding, TransformerLayer, OutputHead),
+built with the same per-component seeds, so a pipelined model starts from exactly the weights of
+the single-process one. Everything data-dependent (x_t ⊕ x, labels, loss weights) is made before
+the pipeline by the objective's `training_pass`; the stages only need the objective's static
+layout (rotary positions, the block-diffusion mask, how many rows the last layer keeps).
+
+Why DeepSpeed's engine and not megatron-core's schedules: megatron-core 0.16's pipeline schedules
+and p2p communication allocate on CUDA and fail on CPU, while DeepSpeed's PipelineEngine runs over
+gloo as well as NCCL, so the same pipeline is tested on CPU and run on GPUs. Its limit is that it
+accepts ZeRO stage 1 at most (validated in the config).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from sad3_megatron.attention import AttentionMask
+from sad3_megatron.diffusion import AutoregressiveObjective, evaluation_schedule
+from sad3_megatron.evaluation import BoundEstimate
+from sad3_megatron.model.rotary import RotaryEmbedding
+from sad3_megatron.model.transformer import (
+    Embedding,
+    OutputHead,
+    TransformerLayer,
+    TransformerSpec,
+    init_seed,
+    shard_nll,
+)
+
+
+class EmbeddingStage(Embedding):
+    def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig, base_seed: int):
+        init_seed(base_seed, 0)
+        super().__init__(spec, mp)
+
+
+class LayerStage(TransformerLayer):
+    """Transformer layer `index` with the objective's positions and mask built in."""
+
+    def __init__(
+        self, spec: TransformerSpec, mp: ModelParallelConfig, base_seed: int, index: int,
+        positions: torch.Tensor, mask: AttentionMask, keep: int | None,
+    ):  # fmt: skip
+        init_seed(base_seed, 1 + index)
+        super().__init__(spec, mp)
+        self.rotary = RotaryEmbedding(spec.hidden_size // spec.num_heads, spec.rotary_base)
+        self.register_buffer("positions", positions.clone(), persistent=False)
+        self.mask, self.keep = mask, keep
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        rows = self.keep or h.shape[0]
+        out, _ = super().forward(h, self.rotary(self.positions), self.mask.first_rows(rows), None, rows)
+        return out
+
+
+class HeadStage(OutputHead):
+    def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig, base_seed: int):
+        init_seed(base_seed, 1 + spec.num_layers)
+        super().__init__(spec, mp)
+
+
+def pipeline_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Eq. 8 per token on the last stage: weights × vocab-parallel cross-entropy, averaged."""
+    labels, weights = targets
+    return (weights * shard_nll(logits, labels)).mean()
+
+
+def build_pipeline(spec: TransformerSpec, mp: ModelParallelConfig, objective, base_seed: int) -> PipelineModule:
+    """The model as a PipelineModule over megatron-core's process groups (same rank layout)."""
+    n = spec.num_layers
+    layers = [LayerSpec(EmbeddingStage, spec, mp, base_seed)]
+    for i in range(n):
+        keep = objective.num_outputs if i == n - 1 else None
+        layers.append(LayerSpec(LayerStage, spec, mp, base_seed, i, objective.positions, objective.mask, keep))
+    layers.append(LayerSpec(HeadStage, spec, mp, base_seed))
+    topology = PipeModelDataParallelTopology(
+        num_pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        num_mp=parallel_state.get_tensor_model_parallel_world_size(),
+        num_dp=parallel_state.get_data_parallel_world_size(),
+    )
+    # Balance transformer layers across stages; the embedding joins the first, the head the last.
+    return PipelineModule(layers=layers, loss_fn=pipeline_loss, topology=topology, partition_method="type:LayerStage")
+
+
+def canonical_name(name: str, num_layers: int) -> str:
+    """PipelineModule's "{index}.rest" → the SAD3Transformer name the checkpoints use."""
+    index, rest = name.split(".", 1)
+    index = int(index)
+    if index == 0:
+        return f"embedding.{rest}"
+    if index <= num_layers:
+        return f"layers.{index - 1}.{rest}"
+    return f"head.{rest}"
+
+
+def to_canonical(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """This stage's tensors renamed, then merged over the pipeline group (collective)."""
+    local = {canonical_name(k, num_layers): v for k, v in tensors.items()}
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return local
+    pieces: list[dict] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(pieces, local, group=parallel_state.get_pipeline_model_parallel_group())
+    return {k: v for piece in pieces for k, v in piece.items()}
+
+
+def to_local(tensors: dict[str, torch.Tensor], module: torch.nn.Module, num_layers: int) -> dict[str, torch.Tensor]:
+    """Canonical tensors → this stage's names, keeping only the stage's own."""
+    names = {canonical_name(k, num_layers): k for k, _ in module.named_parameters()}
+    return {names[k]: v for k, v in tensors.items() if k in names}
+
+
+@torch.no_grad()
+def pipeline_bound(
+    engine, objective, sequences, device: torch.device, batch_size: int, draws: int = 1, seed: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+) -> BoundEstimate:  # fmt: skip
+    """The held-out bound of `evaluation.estimate_bound`, run through the pipeline stages (one draw
+    of t ~ U[0, 1] per block; whole micro-batches only, as the pipeline's buffers are fixed-size)."""
+    exact = isinstance(objective, AutoregressiveObjective)
+    schedule = None if exact else evaluation_schedule()
+    generator = torch.Generator().manual_seed(seed * 1_000_003)
+    losses = []
+    usable = len(sequences) // batch_size * batch_size
+    for start in range(0, usable, batch_size):
+        x = torch.as_tensor(sequences[start : start + batch_size], device=device)
+        batch = objective.training_pass(x, generator, schedule)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = engine.eval_batch(iter([(batch.tokens, (batch.labels, batch.weights))]), num_micro_batches=1)
+        losses.append(float(loss))
+    mean = sum(losses) / len(losses)
+    tokens = usable * objective.num_outputs
+    block = None if exact else objective.block_size
+    return BoundEstimate(mean, 0.0, math.exp(mean), 0.0, 1, tokens, usable, block, exact)

@@ -1,0 +1,101 @@
+"""The resolved plan of a run — layout, batch arithmetic, tokens, and a per-GPU memory estimate —
+computed without starting any process group (`sad3 train CONFIG --dry-run`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sad3_megatron.config import Config, resolved_model_sizes
+from sad3_megatron.errors import Sad3Error
+
+GIB = 1024**3
+
+
+@dataclass
+class Plan:
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    steps: int
+    tokens: int
+    parameters: int
+    memory_gib: dict[str, float]
+
+    def lines(self) -> list[str]:
+        mem = ", ".join(f"{k} {v:.2f}" for k, v in self.memory_gib.items())
+        return [
+            f"world size {self.world_size} = TP {self.tp} × PP {self.pp} × DP {self.dp}",
+            f"batch: micro {self.micro_batch} × grad-accum {self.grad_accum} × DP {self.dp} = global {self.global_batch} sequences",
+            f"steps {self.steps:,}; tokens {self.tokens:,} ({self.tokens / 1e9:.2f}B)",
+            f"parameters {self.parameters:,} ({self.parameters / 1e6:.1f}M)",
+            f"memory per GPU, estimated (GiB): {mem}",
+        ]
+
+
+def gradient_accumulation(cfg: Config, dp: int) -> int:
+    """train.global_batch_size, when set, decides accumulation for the data-parallel size at hand."""
+    t = cfg.train
+    if t.global_batch_size <= 0:
+        return t.grad_accum_steps
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise Sad3Error(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size × data-parallel size "
+            f"= {t.micro_batch_size} × {dp}: change one of them"
+        )
+    return t.global_batch_size // per_step
+
+
+def parameter_count(cfg: Config, vocab_size: int) -> int:
+    s = resolved_model_sizes(cfg.model)
+    h, f, n = s["hidden_size"], s["ffn_hidden_size"], s["num_layers"]
+    padded = -(-vocab_size // 128) * 128
+    per_layer = 4 * h * h + 2 * h * f + f + h + 4 * h  # qkv + proj, MLP with biases, two LayerNorms
+    return n * per_layer + 2 * padded * h + 2 * h  # + embedding, output layer, final LayerNorm
+
+
+def make_plan(cfg: Config, world_size: int, vocab_size: int) -> Plan:
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    if world_size % (p.tensor_parallel * p.pipeline_parallel):
+        raise Sad3Error(
+            f"world size {world_size} is not divisible by TP × PP = {p.tensor_parallel} × {p.pipeline_parallel}"
+        )
+    dp = world_size // (p.tensor_parallel * p.pipeline_parallel)
+    accum = gradient_accumulation(cfg, dp)
+    global_batch = t.micro_batch_size * accum * dp
+    params = parameter_count(cfg, vocab_size)
+    return Plan(
+        world_size, p.tensor_parallel, p.pipeline_parallel, dp, t.micro_batch_size, accum, global_batch,
+        t.steps, t.steps * global_batch * m.seq_len, params, memory_estimate(cfg, params, dp),
+    )  # fmt: skip
+
+
+def memory_estimate(cfg: Config, params: int, dp: int) -> dict[str, float]:
+    """Bytes per GPU: fp32 weights, gradients and Adam moments (ZeRO shards them over DP from stage
+    3, 2 and 1 on), the fp32 EMA, and activations of one micro-batch of the doubled sequence."""
+    p, m = cfg.parallel, cfg.model
+    model_parallel = p.tensor_parallel * p.pipeline_parallel
+    local = params / model_parallel
+    z = p.zero_stage
+    weights = 4 * local / (dp if z >= 3 else 1)
+    grads = 4 * local / (dp if z >= 2 else 1)
+    adam = 8 * local / (dp if z >= 1 else 1)
+    ema = 4 * local if cfg.train.ema_decay > 0 else 0.0
+    sizes = resolved_model_sizes(m)
+    s = 2 * m.seq_len if cfg.diffusion.objective == "sad3" and cfg.diffusion.block_size < m.seq_len else m.seq_len
+    b, h, layers = cfg.train.micro_batch_size, sizes["hidden_size"], sizes["num_layers"]
+    bytes_per_value = 2 if cfg.train.precision != "fp32" else 4
+    # Per layer: ~17 hidden-sized tensors kept for backward (flash/flex-style attention: no s² term).
+    activations = 17 * s * b * h * bytes_per_value * layers / model_parallel
+    return {
+        "weights": weights / GIB,
+        "grads": grads / GIB,
+        "adam": adam / GIB,
+        "ema": ema / GIB,
+        "activations": activations / GIB,
+        "total": (weights + grads + adam + ema + activations) / GIB,
+    }

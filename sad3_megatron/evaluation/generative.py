@@ -1,0 +1,148 @@
+"""Metrics of generated samples (Sec. 6.3, Table 6): generative perplexity under an external
+causal LM, unigram entropy, NFEs and tokens/s.
+
+Generative perplexity: each sample's text is re-tokenized with the evaluator's own tokenizer (no
+special tokens added) and scored with sliding windows of `max_length` tokens advancing by
+`stride` (1024 / 512 by default; the window is clipped to the evaluator's context, and a stride
+that would leave no overlap becomes half the window): every token after the first is scored
+exactly once, with at least max_length - stride tokens of context once the sample is longer than
+a window. Tokens equal to the evaluator's EOS are not scored. The reported value is
+exp(total NLL / scored tokens) over all samples; per-sample values are given too.
+
+The evaluator is any local HuggingFace model directory (`AutoModelForCausalLM`), loaded without
+network access.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from sad3_megatron.errors import Sad3Error
+from sad3_megatron.sampling.stopping import unigram_entropy
+
+
+@dataclass
+class GenerativePerplexity:
+    ppl: float
+    nll_per_token: float
+    scored_tokens: int
+    per_sample_ppl: list[float]  # nan for a sample with no scored token
+    max_length: int
+    stride: int
+
+
+def load_evaluator(path: str | Path, device: torch.device | str = "cpu"):
+    """(model, tokenizer) of a local causal-LM directory, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a local load is quick; keep the CLI output to its result
+    path = Path(path)
+    if not path.is_dir():
+        raise Sad3Error(f"evaluator {str(path)!r} is not a directory: pass a local HuggingFace causal-LM directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise Sad3Error(f"cannot load a causal LM and its tokenizer from {str(path)!r}: {first_line}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def _context_size(model) -> int | None:
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+@torch.no_grad()
+def sequence_nll(model, ids: list[int], eos_id: int | None, max_length: int, stride: int) -> tuple[float, int]:
+    """(summed NLL in nats, number of scored tokens) of one token sequence, by sliding windows."""
+    if len(ids) < 2:
+        return 0.0, 0
+    device = next(model.parameters()).device
+    ids_t = torch.as_tensor(ids, dtype=torch.long, device=device)
+    total, count, scored_until = 0.0, 0, 1  # the first token has no context and is never scored
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        window = ids_t[begin:end]
+        logits = model(window[None]).logits[0, :-1].float()
+        targets = window[1:]
+        logp = logits.log_softmax(dim=-1).gather(-1, targets[:, None])[:, 0]
+        position = torch.arange(begin + 1, end, device=device)
+        scored = position >= scored_until  # tokens earlier windows scored are context only
+        if eos_id is not None:
+            scored &= targets != eos_id
+        total -= logp[scored].sum().item()
+        count += int(scored.sum())
+        scored_until = end
+        if end == len(ids):
+            break
+    return total, count
+
+
+def generative_perplexity(
+    texts: list[str], model, tokenizer, max_length: int = 1024, stride: int = 512
+) -> GenerativePerplexity:
+    """Gen. PPL of `texts` under the evaluator `model` (see the module docstring)."""
+    context = _context_size(model)
+    max_length = min(max_length, context) if context else max_length
+    if stride >= max_length:  # windows must overlap, or each window's first token would go unscored
+        stride = max(max_length // 2, 1)
+    if max_length < 2 or stride < 1:
+        raise Sad3Error(f"generative perplexity needs windows of at least 2 tokens (got {max_length}, stride {stride})")
+    eos = tokenizer.eos_token_id
+    total, count, per_sample = 0.0, 0, []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        nll, n = sequence_nll(model, ids, eos, max_length, stride)
+        total, count = total + nll, count + n
+        per_sample.append(math.exp(nll / n) if n else float("nan"))
+    if count == 0:
+        raise Sad3Error("the samples hold no token to score (each needs at least two evaluator tokens)")
+    return GenerativePerplexity(math.exp(total / count), total / count, count, per_sample, max_length, stride)
+
+
+def load_samples(path: str | Path) -> list[dict]:
+    """The `samples` of a `sad3 sample --json` / `--out` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise Sad3Error(f"samples file {str(path)!r} not found: write one with `sad3 sample ... --out FILE`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise Sad3Error(f"samples file {str(path)!r} is not JSON ({err.msg} at line {err.lineno})") from None
+    samples = data.get("samples") if isinstance(data, dict) else None
+    if not isinstance(samples, list) or not all(isinstance(s, dict) and "text" in s for s in samples):
+        raise Sad3Error(f"{str(path)!r} is not a `sad3 sample` output: expected an object with a `samples` list")
+    if not samples:
+        raise Sad3Error(f"{str(path)!r} holds no samples")
+    return samples
+
+
+def summarize_samples(
+    samples: list[dict], evaluator=None, tokenizer=None, max_length: int = 1024, stride: int = 512
+) -> dict:
+    """Mean unigram entropy (of each sample's own token ids), NFEs, lengths and tokens/s, plus
+    the generative perplexity when an evaluator model and tokenizer are given."""
+
+    def mean(key: str) -> float | None:
+        values = [s[key] for s in samples if s.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    entropies = [float(unigram_entropy(torch.as_tensor(s["tokens"])[None])[0]) for s in samples if s.get("tokens")]
+    result = {
+        "samples": len(samples),
+        "mean_length": mean("length"),
+        "mean_nfe": mean("nfe"),
+        "mean_tokens_per_s": mean("tokens_per_s"),
+        "mean_unigram_entropy": sum(entropies) / len(entropies) if entropies else None,
+    }
+    if evaluator is not None:
+        gen = generative_perplexity([s["text"] for s in samples], evaluator, tokenizer, max_length, stride)
+        result.update({f"gen_{k}": v for k, v in asdict(gen).items()})
+    return result

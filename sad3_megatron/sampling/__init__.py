@@ -1,0 +1,31 @@
+"""Sampling from SAD3-LMs (Alg. 2) and the AR baseline: KV cache, context window, within-block
+samplers, stopping rules."""
+
+from sad3_megatron.sampling.context import CachedContext, RecomputeContext, noisy_block_window
+from sad3_megatron.sampling.distributions import draw_categorical, shape_probs
+from sad3_megatron.sampling.generate import GenerationResult, Sample, SamplingConfig, generate
+from sad3_megatron.sampling.kv_cache import KVCache
+from sad3_megatron.sampling.samplers import SAMPLERS, denoise_block, make_sampler
+from sad3_megatron.sampling.stopping import STOP_REASONS, StopCriteria, unigram_entropy
+from sad3_megatron.sampling.window import ContextWindow, context_window
+
+__all__ = [
+    "SAMPLERS",
+    "STOP_REASONS",
+    "CachedContext",
+    "ContextWindow",
+    "GenerationResult",
+    "KVCache",
+    "RecomputeContext",
+    "Sample",
+    "SamplingConfig",
+    "StopCriteria",
+    "context_window",
+    "denoise_block",
+    "draw_categorical",
+    "generate",
+    "make_sampler",
+    "noisy_block_window",
+    "shape_probs",
+    "unigram_entropy",
+]

@@ -1,0 +1,281 @@
+"""Semi-autoregressive generation (Alg. 2), of any length, and the AR baseline's next-token loop.
+
+Alg. 2: for b = 1, 2, …: x^b ← SAMPLE(x_θ^b, K^{1:b-1}, V^{1:b-1}); then K^b, V^b ← x_θ^b(x^b) is
+appended to the cache. Here a block's context is the window [c(s), s) of `ContextWindow`, which is
+the whole prefix until the sample outgrows the training context L (Sec. 6.2). Blocks are aligned
+to absolute position 0 of the sequence; a prompt fills the first positions, and a block it only
+partly covers is completed around the given tokens. In the last block, positions past the token
+budget stay masked and are never sampled, so no NFE is spent on tokens that would be cut.
+
+Samples in a batch share the model calls but nothing else: each stops on its own (EOS, budget,
+repetition; see `stopping.py`) and its rows then leave the batch and the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sad3_megatron.attention import AttentionMask
+from sad3_megatron.errors import Sad3Error
+from sad3_megatron.sampling.context import CachedContext, RecomputeContext
+from sad3_megatron.sampling.distributions import draw_categorical, shape_probs
+from sad3_megatron.sampling.kv_cache import KVCache
+from sad3_megatron.sampling.samplers import SAMPLERS, denoise_block, make_sampler
+from sad3_megatron.sampling.stopping import StopCriteria
+from sad3_megatron.sampling.window import ContextWindow, context_window
+
+# Called with every model output used for sampling: (block start, or the predicted position for
+# AR; logits [rows, L', vocab]). For tests and diagnostics.
+LogitsHook = Callable[[int, torch.Tensor], None]
+
+
+@dataclass
+class SamplingConfig:
+    num_tokens: int | None  # token budget per sample (the prompt not included)
+    block_size: int | None  # L' (unused by the AR baseline, which generates one token at a time)
+    steps: int = 1000  # T per block: ancestral steps, or the cap on confident-decoding steps
+    sampler: str = "ancestral"
+    threshold: float = 0.9  # confident decoding: commit positions whose top probability reaches it
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 1
+    seed: int = 0
+    kv_cache: bool = True
+    window: int | None = None  # cached context tokens (default L - L')
+    window_keep: int | None = None  # tokens kept when the window slides (default half of it)
+    stop_at_eos: bool = True
+    min_entropy: float = 1.5  # repetition stop: unigram entropy (nats) of the recent tokens below it (0: off)
+    entropy_window: int = 64
+
+    def check(self) -> None:
+        """Check the settings that do not depend on the model (before loading one)."""
+        if self.num_tokens is not None and self.num_tokens < 1:
+            raise Sad3Error(f"--num-tokens must be at least 1, got {self.num_tokens}")
+        if self.steps < 1:
+            raise Sad3Error(f"--steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise Sad3Error(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise Sad3Error(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.temperature > 0.0:
+            raise Sad3Error(f"--temperature must be positive, got {self.temperature}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise Sad3Error(f"--threshold must be in (0, 1], got {self.threshold}")
+        if self.sampler not in SAMPLERS:
+            raise Sad3Error(f"unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if self.min_entropy < 0.0 or self.entropy_window < 1:
+            raise Sad3Error(
+                f"--min-entropy must be >= 0 and --entropy-window >= 1 (got {self.min_entropy}, {self.entropy_window})"
+            )
+
+    def resolve(self, seq_len: int, autoregressive: bool = False) -> ContextWindow:
+        """Check every setting against a model trained on `seq_len` tokens; returns its window."""
+        self.check()
+        if self.num_tokens is None:
+            raise Sad3Error("the token budget num_tokens is not set")
+        if autoregressive:
+            block = 1
+        elif self.block_size is None:
+            raise Sad3Error("the block size is not set: pass the checkpoint's L' or a divisor of its context")
+        else:
+            block = self.block_size
+        if block < 1 or seq_len % block:
+            raise Sad3Error(
+                f"--block-size {self.block_size} does not divide the model's context length {seq_len}: pick a divisor"
+            )
+        return context_window(seq_len, block, self.window, self.window_keep, autoregressive)
+
+
+@dataclass
+class Sample:
+    tokens: list[int]  # the generated tokens, prompt excluded, truncated after EOS
+    length: int
+    stop_reason: str  # one of stopping.STOP_REASONS
+    nfe: int  # calls of x_θ that included this sample (Table 6), clean K/V passes not counted
+    seconds: float  # from the start of generation until this sample stopped
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.length / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class GenerationResult:
+    samples: list[Sample]
+    seconds: float
+    clean_passes: int  # batched forwards over clean tokens only (K/V appends and re-encodes)
+    window: ContextWindow
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(s.length for s in self.samples) / self.seconds if self.seconds > 0 else float("inf")
+
+
+class _Rows:
+    """Which samples are still running, and what the finished ones produced."""
+
+    def __init__(self, batch: int):
+        self.active = torch.arange(batch)
+        self.nfe = torch.zeros(batch, dtype=torch.long)
+        self.samples: list[Sample | None] = [None] * batch
+        self.start = time.perf_counter()
+
+    def finish(
+        self, tokens: torch.Tensor, prompt_len: int, reasons: list[str | None], lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Record the stopped rows; returns the keep mask over the previously active rows."""
+        keep = torch.tensor([r is None for r in reasons], dtype=torch.bool)
+        if keep.all():
+            return keep
+        now = time.perf_counter() - self.start
+        for i, reason in enumerate(reasons):
+            if reason is not None:
+                row, length = int(self.active[i]), int(lengths[i])
+                ids = tokens[row, prompt_len : prompt_len + length].tolist()
+                self.samples[row] = Sample(ids, length, reason, int(self.nfe[row]), now)
+        self.active = self.active[keep]
+        return keep
+
+    @property
+    def done(self) -> bool:
+        return self.active.numel() == 0
+
+
+def _stop_criteria(config: SamplingConfig, eos_id: int | None) -> StopCriteria:
+    eos = eos_id if config.stop_at_eos else None
+    return StopCriteria(config.num_tokens, eos, config.min_entropy, config.entropy_window)
+
+
+@torch.inference_mode()
+def generate_blocks(
+    model,
+    config: SamplingConfig,
+    window: ContextWindow,
+    *,
+    mask_id: int,
+    eos_id: int | None,
+    prompt: list[int],
+    logits_hook: LogitsHook | None = None,
+) -> GenerationResult:
+    """Alg. 2 with the configured within-block sampler, cached or recomputed context."""
+    device = next(model.parameters()).device
+    block, start_len = config.block_size, len(prompt)
+    end = start_len + config.num_tokens
+    capacity = -(-end // block) * block
+    tokens = torch.full((config.batch_size, capacity), mask_id, dtype=torch.long, device=device)
+    tokens[:, :start_len] = torch.as_tensor(prompt, dtype=torch.long, device=device)
+    in_budget = torch.arange(capacity, device=device) < end
+    context = CachedContext(model, block) if config.kv_cache else RecomputeContext(model, block)
+    sampler = make_sampler(config.sampler, config.steps, config.threshold)
+    stop = _stop_criteria(config, eos_id)
+    generator = torch.Generator().manual_seed(config.seed)
+    rows = _Rows(config.batch_size)
+    for s in range(start_len // block * block, capacity, block):
+        active = rows.active.to(device)
+        current = tokens.index_select(0, active)
+        context.prepare(current, window.start(s), s)
+
+        def denoise(index: torch.Tensor | None, x_t: torch.Tensor, s: int = s) -> torch.Tensor:
+            logits = context.denoise(index, x_t, s)
+            if logits_hook is not None:
+                logits_hook(s, logits)
+            return logits
+
+        x = current[:, s : s + block]
+        todo = (x == mask_id) & in_budget[s : s + block]
+        result = denoise_block(x, todo, denoise, sampler, generator, config.temperature, config.top_p)
+        tokens[active, s : s + block] = result.tokens
+        rows.nfe[rows.active] += result.nfe.cpu()
+        generated = tokens[active, start_len : min(s + block, end)]
+        reasons, lengths = stop.check(generated, max(s, start_len) - start_len)
+        keep = rows.finish(tokens, start_len, reasons, lengths)
+        if rows.done:
+            break
+        if not keep.all():
+            context.keep_rows(keep.to(device))
+    return GenerationResult(rows.samples, time.perf_counter() - rows.start, context.clean_passes, window)
+
+
+@torch.inference_mode()
+def generate_autoregressive(
+    model,
+    config: SamplingConfig,
+    window: ContextWindow,
+    *,
+    eos_id: int | None,
+    prompt: list[int],
+    logits_hook: LogitsHook | None = None,
+) -> GenerationResult:
+    """The AR baseline (Eq. 1): one NFE per token. With the cache, each step feeds the last token
+    against the cached keys/values of its window and appends its own; without it, the window is
+    recomputed under the causal mask (M_BC with L' = 1) every step."""
+    if not prompt:
+        raise Sad3Error("the AR baseline needs at least one prompt token to condition on (e.g. BOS)")
+    device = next(model.parameters()).device
+    start_len, end = len(prompt), len(prompt) + config.num_tokens
+    tokens = torch.zeros((config.batch_size, end), dtype=torch.long, device=device)
+    tokens[:, :start_len] = torch.as_tensor(prompt, dtype=torch.long, device=device)
+    cache = KVCache()
+    stop = _stop_criteria(config, eos_id)
+    generator = torch.Generator().manual_seed(config.seed)
+    rows = _Rows(config.batch_size)
+    for p in range(start_len, end):  # predict token p from the window [c, p)
+        active = rows.active.to(device)
+        c = window.start(p - 1)  # the window counts the cached tokens before the fed one
+        if config.kv_cache and p - 1 > c and cache.covers(c, p - 1):
+            fed = tokens[active, p - 1 : p]
+            out = model(fed, torch.tensor([p - 1], device=device), None, past_kv=cache.layers, return_kv=True)
+            cache.append(out.kv)
+        else:  # first step, a slid window, or no cache: the whole window under the causal mask
+            context = tokens[active, c:p]
+            out = model(
+                context, torch.arange(c, p, device=device), AttentionMask.causal(p - c), return_kv=config.kv_cache
+            )
+            if config.kv_cache:
+                cache.replace(out.kv, c, p)
+        logits = out.logits[:, -1:]
+        if logits_hook is not None:
+            logits_hook(p, logits)
+        probs = shape_probs(logits[:, 0], config.temperature, config.top_p)
+        tokens[active, p] = draw_categorical(probs, generator)
+        rows.nfe[rows.active] += 1
+        reasons, lengths = stop.check(tokens[active, start_len : p + 1], p - start_len)
+        keep = rows.finish(tokens, start_len, reasons, lengths)
+        if rows.done:
+            break
+        if not keep.all():
+            cache.keep_rows(keep.to(device))
+    return GenerationResult(rows.samples, time.perf_counter() - rows.start, 0, window)
+
+
+def generate(
+    model,
+    config: SamplingConfig,
+    *,
+    seq_len: int,
+    mask_id: int,
+    eos_id: int | None,
+    prompt: list[int],
+    autoregressive: bool = False,
+    logits_hook: LogitsHook | None = None,
+) -> GenerationResult:
+    """Sample `config.batch_size` sequences from a SAD3-LM (Alg. 2) or the AR baseline.
+
+    `seq_len` is the training context L, which bounds the context window; samples may be longer."""
+    window = config.resolve(seq_len, autoregressive)
+    if mask_id in prompt:
+        raise Sad3Error("the prompt contains the mask token; it must be clean text")
+    was_training = model.training
+    model.eval()
+    try:
+        if autoregressive:
+            return generate_autoregressive(model, config, window, eos_id=eos_id, prompt=prompt, logits_hook=logits_hook)
+        return generate_blocks(
+            model, config, window, mask_id=mask_id, eos_id=eos_id, prompt=prompt, logits_hook=logits_hook
+        )
+    finally:
+        model.train(was_training)
