@@ -8,6 +8,7 @@ exactly without saving any RNG or sampler state.
 from __future__ import annotations
 
 import json
+import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from sad3_megatron.engine.lr_schedule import lr_multiplier
 from sad3_megatron.engine.metrics import MetricsLog
 from sad3_megatron.engine.mpu import MegatronMPU
 from sad3_megatron.engine.pipeline import build_pipeline, pipeline_bound, to_canonical, to_local
-from sad3_megatron.engine.plan import gradient_accumulation
+from sad3_megatron.engine.plan import gradient_accumulation, parameter_count
 from sad3_megatron.errors import Sad3Error
 from sad3_megatron.evaluation import estimate_bound
 from sad3_megatron.model import model_parallel_config
@@ -61,6 +62,17 @@ def step_seed(seed: int, step: int, slot: int) -> int:
     global batch (micro × dp_size + dp_rank), so any DP × accumulation split of the same global
     batch draws the same noise for the same rows."""
     return (seed * 1_000_003 + step) * 1_000_033 + slot
+
+
+def _peak_memory_per_rank() -> list[float]:
+    """Peak resident memory (GiB) of every rank so far: host memory on CPU runs; on GPUs this is
+    host memory too (see torch.cuda.max_memory_allocated for the device)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB on Linux
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [round(rss, 3)]
+    values: list[float] = [0.0] * dist.get_world_size()
+    dist.all_gather_object(values, round(rss, 3))
+    return values
 
 
 def _optional_float(value) -> float | None:
@@ -223,7 +235,7 @@ def train(cfg: Config) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "data_stats.json").write_text(json.dumps(vars(corpus.stats), indent=1))
-        n_params = sum(p.numel() for p in model.parameters())  # this rank's share under TP / PP
+        n_params = parameter_count(cfg, parts.tokenizer.vocab_size)  # the whole model, whatever the layout
         resumed = f", resuming from {resume_from.name}" if resume_from else ""
         print(
             f"sad3 train: {cfg.model.preset} model, {n_params / 1e6:.2f}M parameters, L={seq_len}, "
@@ -335,6 +347,10 @@ def train(cfg: Config) -> TrainResult:
                     "tokens": tokens_seen,
                     "tokens_per_s": window_tokens / (now - window_start),
                     "elapsed": now - started,
+                    "max_rss_gib": _peak_memory_per_rank(),
+                    "max_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+                    if device.type == "cuda"
+                    else None,
                 }
             )
             window_start, window_tokens, window_steps = now, 0, 0

@@ -10,7 +10,7 @@ a window. Tokens equal to the evaluator's EOS are not scored. The reported value
 exp(total NLL / scored tokens) over all samples; per-sample values are given too.
 
 The evaluator is any local HuggingFace model directory (`AutoModelForCausalLM`), loaded without
-network access.
+network access, or a sad3 checkpoint of the AR baseline (`diffusion.objective=ar`), used directly.
 """
 
 from __future__ import annotations
@@ -36,10 +36,55 @@ class GenerativePerplexity:
     stride: int
 
 
+class _CheckpointLM:
+    """A sad3 AR-baseline checkpoint behind the slice of the HF causal-LM interface used here."""
+
+    def __init__(self, parts):
+        from types import SimpleNamespace
+
+        self.model, self.device = parts.model, parts.device
+        self.context = parts.cfg.model.seq_len - 1  # the AR baseline reads L - 1 tokens
+        self.config = SimpleNamespace(n_positions=self.context)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, input_ids: torch.Tensor):
+        from types import SimpleNamespace
+
+        from sad3_megatron.attention import AttentionMask
+
+        n = input_ids.shape[1]
+        out = self.model(input_ids, torch.arange(n, device=input_ids.device), AttentionMask.causal(n))
+        return SimpleNamespace(logits=out.logits)
+
+
+class _CheckpointTokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.eos_token_id = tokenizer, tokenizer.eos_id
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self.tokenizer.encode(text)}
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+
+
 def load_evaluator(path: str | Path, device: torch.device | str = "cpu"):
-    """(model, tokenizer) of a local causal-LM directory, in eval mode on `device`."""
+    """(model, tokenizer) of a local causal-LM directory or a sad3 AR checkpoint, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    if _is_checkpoint(Path(path)):
+        from sad3_megatron.engine.build import load_components
+
+        parts, ckpt = load_components(path, torch.device(device))
+        if parts.cfg.diffusion.objective != "ar":
+            raise Sad3Error(
+                f"evaluator {str(ckpt)!r} is a diffusion checkpoint: pass an AR baseline or a HuggingFace causal LM"
+            )
+        return _CheckpointLM(parts), _CheckpointTokenizer(parts.tokenizer)
 
     hf_logging.disable_progress_bar()  # a local load is quick; keep the CLI output to its result
     path = Path(path)

@@ -187,7 +187,7 @@ def shard_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def init_seed(base: int, component: int) -> None:
     """Seed each component's initialisation on its own, so a pipeline stage that builds only some
     layers gets exactly the weights the whole model would have."""
-    torch.manual_seed(base * 1_000_003 + component)
+    torch.manual_seed((base * 1_000_003 + component) % 2**63)
 
 
 class SAD3Transformer(nn.Module):
