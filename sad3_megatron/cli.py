@@ -321,7 +321,11 @@ def _add_sampling_commands(sub) -> None:
 
     p = sub.add_parser("eval-samples", help="Gen. PPL, entropy, NFEs and speed of `sad3 sample` output")
     p.add_argument("samples", help="a JSON file written by `sad3 sample --out` (or its --json output)")
-    p.add_argument("--evaluator", default=None, help="local HuggingFace causal-LM directory, or a sad3 AR-baseline checkpoint, for Gen. PPL")
+    p.add_argument(
+        "--evaluator",
+        default=None,
+        help="local HuggingFace causal-LM directory, or a sad3 AR-baseline checkpoint, for Gen. PPL",
+    )
     p.add_argument("--max-length", type=int, default=1024, help="evaluator window (default 1024)")
     p.add_argument("--stride", type=int, default=512, help="evaluator window stride (default 512)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
