@@ -78,10 +78,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             seq_len, args.block_size, objective.schedule, parts.tokenizer.mask_id, objective.antithetic
         )
     sequences, described = _eval_sequences(args, cfg, parts.tokenizer, seq_len)
-    if args.max_sequences:
-        sequences = sequences[: args.max_sequences]
     torch.manual_seed(args.seed)
-    bound = estimate_bound(parts.model, objective, sequences, parts.device, args.batch_size, args.draws, args.seed)
+    bound = estimate_bound(
+        parts.model, objective, sequences, parts.device, args.batch_size, args.draws, args.seed,
+        max_sequences=args.max_sequences or None,
+    )  # fmt: skip
     result = {"checkpoint": str(ckpt), "data": described, **bound.to_dict()}
     if args.json:
         print(json.dumps(result))

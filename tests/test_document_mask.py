@@ -58,3 +58,40 @@ def test_a_document_is_scored_as_if_it_were_alone_in_its_row():
     with torch.no_grad():
         nll_leaky = objective.token_nll(model, packed, noised(x_t, packed, masked))
     assert (nll_leaky[:, 8:] - nll_alone[:, :8]).abs().max() > 1e-4
+
+
+def test_held_out_bound_keeps_document_ids_of_a_prefix_of_rows():
+    """Evaluating the first rows of a document-packed split scores them with the document mask."""
+    import numpy as np
+
+    from sad3_megatron.config import DataConfig
+    from sad3_megatron.data import load_corpus, load_tokenizer
+    from sad3_megatron.diffusion import evaluation_schedule
+    from sad3_megatron.evaluation import estimate_bound
+
+    tokenizer = load_tokenizer("bert-base-uncased")
+    val = load_corpus(DataConfig(packing="document"), tokenizer, L).val
+    model = tiny_model(seed=5)
+    rows = torch.as_tensor(val[:4]) % MASK_ID
+    ids = torch.as_tensor(val.batch(np.arange(4)).document_ids)
+    assert (ids[:, -1] > 0).any()  # some row does hold several documents
+
+    class Rows:  # the split's first rows, re-mapped into the tiny vocabulary, with their document ids
+        document_ids = True
+
+        def __len__(self):
+            return 4
+
+        def batch(self, index):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(tokens=rows[index].numpy(), document_ids=ids[index].numpy())
+
+    objective = BlockDiffusionObjective(L, BLOCK, make_schedule("linear"), MASK_ID)
+    bound = estimate_bound(model, objective, Rows(), torch.device("cpu"), batch_size=2, draws=1, max_sequences=3)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        first = objective(model, rows[:2], generator, schedule=evaluation_schedule(), document_ids=ids[:2])
+        second = objective(model, rows[2:3], generator, schedule=evaluation_schedule(), document_ids=ids[2:3])
+    expected = (first.nll_sum + second.nll_sum).item() / (first.num_tokens + second.num_tokens)
+    assert bound.sequences == 3 and abs(bound.nelbo_per_token - expected) < 1e-6

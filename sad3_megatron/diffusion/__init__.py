@@ -8,7 +8,7 @@ from sad3_megatron.diffusion.objective import (
     TrainingPass,
     build_objective,
     loss_terms,
-    weighted_nll,
+    token_weights,
 )
 from sad3_megatron.diffusion.schedules import SCHEDULES, NoiseSchedule, evaluation_schedule, make_schedule
 
@@ -26,5 +26,5 @@ __all__ = [
     "make_schedule",
     "mask_blocks",
     "per_token",
-    "weighted_nll",
+    "token_weights",
 ]

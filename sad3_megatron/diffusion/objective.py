@@ -47,12 +47,12 @@ def loss_terms(token_nll: torch.Tensor, weights: torch.Tensor) -> LossTerms:
     return LossTerms(terms.mean(), terms.detach().sum(), terms.numel())
 
 
-def weighted_nll(token_nll: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
-    """Per-token terms of Eq. 8: weight × (-log p_θ(x | x_t, x^{<b})) on masked tokens.
+def token_weights(noised: NoisedBatch) -> torch.Tensor:
+    """Per-token weights of Eq. 8: -α'_t / (1 - α_t) on masked tokens, 0 elsewhere.
 
-    Unmasked tokens contribute 0: under the SUBS parameterization they are copied (Suppl. B, Eq. 13).
+    Unmasked tokens contribute nothing: under the SUBS parameterization they are copied (Suppl. B, Eq. 13).
     """
-    return torch.where(noised.masked, noised.weight * token_nll, torch.zeros_like(token_nll))
+    return torch.where(noised.masked, noised.weight, torch.zeros_like(noised.weight))
 
 
 class BlockDiffusionObjective:
@@ -83,8 +83,7 @@ class BlockDiffusionObjective:
         self, x: torch.Tensor, generator: torch.Generator | None, schedule: NoiseSchedule | None = None
     ) -> TrainingPass:
         noised = self.noise(x, generator, schedule)
-        weights = torch.where(noised.masked, noised.weight, torch.zeros_like(noised.weight))
-        return TrainingPass(self._tokens(x, noised), x, weights)
+        return TrainingPass(self._tokens(x, noised), x, token_weights(noised))
 
     def attention_mask(self, document_ids: torch.Tensor | None = None) -> AttentionMask | DocumentMask:
         """The training mask, intersected with "same document" when rows pack several documents."""
@@ -145,8 +144,7 @@ class BlockDiffusionObjective:
             nll = self.token_nll_naive(model, x, noised)
         else:
             nll = self.token_nll(model, x, noised, document_ids)
-        terms = weighted_nll(nll, noised)
-        return LossTerms(terms.mean(), terms.detach().sum(), terms.numel())
+        return loss_terms(nll, token_weights(noised))
 
 
 class AutoregressiveObjective:

@@ -121,7 +121,7 @@ def to_local(tensors: dict[str, torch.Tensor], module: torch.nn.Module, num_laye
 @torch.no_grad()
 def pipeline_bound(
     engine, objective, sequences, device: torch.device, batch_size: int, draws: int = 1, seed: int = 0,
-    autocast_dtype: torch.dtype | None = None,
+    autocast_dtype: torch.dtype | None = None, max_sequences: int | None = None,
 ) -> BoundEstimate:  # fmt: skip
     """The held-out bound of `evaluation.estimate_bound`, run through the pipeline stages (one draw
     of t ~ U[0, 1] per block; whole micro-batches only, as the pipeline's buffers are fixed-size)."""
@@ -129,7 +129,8 @@ def pipeline_bound(
     schedule = None if exact else evaluation_schedule()
     generator = torch.Generator().manual_seed(seed * 1_000_003)
     losses = []
-    usable = len(sequences) // batch_size * batch_size
+    available = len(sequences) if not max_sequences else min(max_sequences, len(sequences))
+    usable = available // batch_size * batch_size
     for start in range(0, usable, batch_size):
         x = torch.as_tensor(sequences[start : start + batch_size], device=device)
         batch = objective.training_pass(x, generator, schedule)

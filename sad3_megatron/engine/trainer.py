@@ -262,12 +262,13 @@ def train(cfg: Config) -> TrainResult:
             bound = (pipeline_bound if pipelined else estimate_bound)(
                 engine if pipelined else engine.module,
                 objective,
-                corpus.val[: t.eval_batches * t.micro_batch_size],
+                corpus.val,
                 device,
                 batch_size=t.micro_batch_size,
                 draws=1,
                 seed=cfg.run.seed,
                 autocast_dtype=amp,
+                max_sequences=t.eval_batches * t.micro_batch_size,
             )
         return bound.to_dict()
 

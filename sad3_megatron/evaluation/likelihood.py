@@ -32,7 +32,7 @@ class BoundEstimate:
 def rows_and_documents(sequences, start: int, stop: int, device: torch.device):
     """Rows [start, stop) as a tensor, with their document ids when the rows were packed by document."""
     if getattr(sequences, "document_ids", False):
-        batch = sequences.batch(np.arange(start, min(stop, len(sequences))))
+        batch = sequences.batch(np.arange(start, stop))
         return torch.as_tensor(batch.tokens, device=device), torch.as_tensor(batch.document_ids, device=device)
     return torch.as_tensor(sequences[start:stop], device=device), None
 
@@ -47,9 +47,12 @@ def estimate_bound(
     draws: int = 4,
     seed: int = 0,
     autocast_dtype: torch.dtype | None = None,
+    max_sequences: int | None = None,
 ) -> BoundEstimate:
-    """Average the per-token NELBO over all `sequences` [n, L], repeated for `draws` independent
-    draws of t ~ U[0, 1] per block; the spread across draws gives the standard error."""
+    """Average the per-token NELBO over `sequences` [n, L] (the first `max_sequences` when given),
+    repeated for `draws` independent draws of t ~ U[0, 1] per block; the spread across draws gives
+    the standard error. Rows packed by document keep their document ids."""
+    count = len(sequences) if not max_sequences else min(max_sequences, len(sequences))
     was_training = model.training
     model.eval()
     exact = isinstance(objective, AutoregressiveObjective)
@@ -60,8 +63,8 @@ def estimate_bound(
     for k in range(draws):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
         total, tokens = 0.0, 0
-        for start in range(0, len(sequences), batch_size):
-            x, document_ids = rows_and_documents(sequences, start, start + batch_size, device)
+        for start in range(0, count, batch_size):
+            x, document_ids = rows_and_documents(sequences, start, min(start + batch_size, count), device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 terms = objective(model, x, generator, schedule=schedule, document_ids=document_ids)
             total += terms.nll_sum.item()
@@ -71,6 +74,4 @@ def estimate_bound(
     mean = float(np.mean(per_draw))
     std_err = float(np.std(per_draw, ddof=1) / math.sqrt(draws)) if draws > 1 else 0.0
     block = objective.block_size if isinstance(objective, BlockDiffusionObjective) else None
-    return BoundEstimate(
-        mean, std_err, math.exp(mean), math.exp(mean) * std_err, draws, tokens, len(sequences), block, exact
-    )
+    return BoundEstimate(mean, std_err, math.exp(mean), math.exp(mean) * std_err, draws, tokens, count, block, exact)
