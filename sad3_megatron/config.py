@@ -82,6 +82,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999  # 0 disables EMA
     precision: str = "auto"  # auto (bf16 where supported, else fp32) | fp32 | bf16
+    fp8: bool = False  # fp8 GEMMs in the transformer layers' linears (Hopper/Ada GPUs); see model/fp8.py
     log_interval: int = 10
     eval_interval: int = 250
     eval_batches: int = 8

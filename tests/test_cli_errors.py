@@ -25,6 +25,7 @@ DEMO = str(ROOT / "configs" / "demo.yaml")
         (["train", DEMO, "model.preset=gigantic"], "unknown model.preset"),
         (["train", DEMO, "diffusion.schedule=warp"], "unknown noise schedule"),
         (["train", DEMO, "model.attention_backend=cuda-magic"], "unknown model.attention_backend"),
+        (["train", DEMO, "train.fp8=true"], "train.fp8 needs a CUDA GPU"),
         (["train", "/no/such/config.yaml"], "config file"),
         (["eval", "/no/such/run", "--data", DEMO], "no checkpoint"),
         (["frobnicate"], "invalid choice"),

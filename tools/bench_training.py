@@ -1,10 +1,19 @@
-"""Training-step time of the vectorized x_t ⊕ x pass against the naive per-block loop (Alg. 1),
-and of block diffusion (L' = 4) against MDLM (L' = L), measured in one run.
+"""Training-step time, tokens/s and MFU of several variants, measured in one run.
 
-The variants are timed interleaved, round after round, and compared by their medians, so load on
-a noisy machine hits all of them alike. Prints ratios; the absolute times are for orientation only.
+A variant is objective:backend:precision:
+- objective is bd3 (the vectorized x_t ⊕ x pass at L' = --block-size), naive (Alg. 1's per-block
+  loop) or mdlm (L' = L);
+- backend is sdpa, flex or flash;
+- precision is fp32, bf16 (autocast) or fp8 (bf16 autocast plus model/fp8.py's GEMMs).
+A step is the whole training step: forward, backward and an AdamW update.
+
+The variants are timed interleaved, round after round, and compared by their medians, so load on a
+noisy machine hits all of them alike. Ratios are printed against the first variant; absolute times
+are for orientation. MFU counts model FLOPs (engine/flops.py) against the device's dense bf16 peak.
 
     python tools/bench_training.py --preset tiny --seq-len 128 --batch-size 8 --rounds 5
+    python tools/bench_training.py --preset small --seq-len 1024 --batch-size 16 --rounds 10 \\
+        --variants bd3:flex:bf16,mdlm:flex:bf16,bd3:sdpa:bf16,bd3:flex:fp8        # one Hopper GPU
 """
 
 from __future__ import annotations
@@ -12,21 +21,62 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
 from sad3_megatron.config import ModelConfig
 from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule
 from sad3_megatron.engine.distributed import init_distributed
+from sad3_megatron.engine.flops import peak_tflops, training_flops_per_sequence
 from sad3_megatron.model import build_model, make_spec
+from sad3_megatron.model.fp8 import enable_fp8, require_fp8
+
+DEFAULT_VARIANTS = "bd3:sdpa:fp32,naive:sdpa:fp32,mdlm:sdpa:fp32"
 
 
-def step_time(model, objective, x, naive: bool) -> float:
-    generator = torch.Generator().manual_seed(0)
-    model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    objective(model, x, generator, naive=naive).loss.backward()
-    return time.perf_counter() - start
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Variant:
+    def __init__(self, name: str, args, device: torch.device, vocab: int, mask_id: int):
+        self.name = name
+        objective, backend, self.precision = name.split(":")
+        self.naive = objective == "naive"
+        self.block_size = args.seq_len if objective == "mdlm" else args.block_size
+        self.objective = BlockDiffusionObjective(
+            args.seq_len, self.block_size, make_schedule("clipped", 0.3, 0.8), mask_id
+        )
+        torch.manual_seed(0)  # every variant starts from the same weights
+        spec = make_spec(ModelConfig(preset=args.preset, dropout=0.0), vocab, mask_id, backend)
+        self.model = build_model(spec, device)
+        if self.precision == "fp8":
+            require_fp8(device)
+            enable_fp8(self.model)
+        fused = {"fused": True} if device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **fused)
+        self.flops = args.batch_size * training_flops_per_sequence(
+            spec.num_layers, spec.hidden_size, spec.ffn_hidden_size, spec.padded_vocab_size,
+            args.seq_len, self.block_size, "sad3",
+        )  # fmt: skip
+        self.device, self.times, self.losses = device, [], []
+
+    def step(self, x: torch.Tensor, seed: int) -> None:
+        amp = self.precision in ("bf16", "fp8")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if amp else nullcontext()
+        generator = torch.Generator().manual_seed(seed)
+        synchronize(self.device)
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = self.objective(self.model, x, generator, naive=self.naive).loss
+        loss.backward()
+        self.optimizer.step()
+        synchronize(self.device)
+        self.times.append(time.perf_counter() - start)
+        self.losses.append(loss.item())
 
 
 def main() -> None:
@@ -36,37 +86,42 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, default=30522, help="bert-base-uncased by default")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation)")
     parser.add_argument("--block-size", type=int, default=4)
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated objective:backend:precision")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     init_distributed(device)
-    torch.manual_seed(0)
     mask_id = args.vocab_size - 1
-    spec = make_spec(ModelConfig(preset=args.preset, dropout=0.0), args.vocab_size, mask_id, "sdpa")
-    model = build_model(spec, device)
-    L, schedule = args.seq_len, make_schedule("clipped", 0.3, 0.8)
-    x = torch.randint(0, mask_id, (args.batch_size, L), device=device)
-    variants = {
-        f"vectorized L'={args.block_size}": (BlockDiffusionObjective(L, args.block_size, schedule, mask_id), False),
-        f"naive loop L'={args.block_size}": (BlockDiffusionObjective(L, args.block_size, schedule, mask_id), True),
-        f"vectorized MDLM L'={L}": (BlockDiffusionObjective(L, L, schedule, mask_id), False),
-    }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for objective, naive in variants.values():  # warm-up
-        step_time(model, objective, x, naive)
-    for _ in range(args.rounds):
-        for name, (objective, naive) in variants.items():
-            times[name].append(step_time(model, objective, x, naive))
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    variants = [Variant(name, args, device, args.vocab_size, mask_id) for name in args.variants.split(",")]
+    x = torch.randint(0, mask_id, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
+    for i in range(args.warmup):
+        for v in variants:
+            v.step(x, seed=i)
+    for v in variants:
+        v.times.clear()
+    for r in range(args.rounds):
+        for v in variants:
+            v.step(x, seed=1000 + r)  # the same noise draws for every variant in a round
+
+    peak = peak_tflops(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"device={device.type} preset={args.preset} L={L} batch={args.batch_size} vocab={args.vocab_size} rounds={args.rounds}"
+        f"device={name} torch={torch.__version__} preset={args.preset} params="
+        f"{sum(p.numel() for p in variants[0].model.parameters()) / 1e6:.1f}M L={args.seq_len} "
+        f"batch={args.batch_size} vocab={args.vocab_size} rounds={args.rounds} (medians)"
     )
-    for name, t in median.items():
-        print(f"  {name:28s} median step {t * 1000:8.1f} ms")
-    names = list(median)
-    print(f"naive / vectorized step time:      {median[names[1]] / median[names[0]]:.2f}x")
-    print(f"BD3 (L'={args.block_size}) / MDLM step time:      {median[names[0]] / median[names[2]]:.2f}x")
+    base = statistics.median(variants[0].times)
+    for v in variants:
+        t = statistics.median(v.times)
+        tokens_per_s = args.batch_size * args.seq_len / t
+        mfu = f"{100 * v.flops / t / (peak * 1e12):5.1f}%" if peak else "  n/a"
+        print(
+            f"  {v.name:18s} L'={v.block_size:<5d} step {t * 1000:8.1f} ms  {tokens_per_s:10,.0f} tok/s  "
+            f"MFU {mfu}  ×{t / base:5.2f} of {variants[0].name}  last loss {v.losses[-1]:.3f}"
+        )
 
 
 if __name__ == "__main__":

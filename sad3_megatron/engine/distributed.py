@@ -27,7 +27,12 @@ def init_distributed(device: torch.device, tensor_parallel: int = 1, pipeline_pa
             os.environ.update(
                 RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
             )
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # before NCCL starts: each rank drives its own GPU
+            index = device.index if device.index is not None else int(os.environ["LOCAL_RANK"])
+            torch.cuda.set_device(index)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", index))
+        else:
+            dist.init_process_group("gloo")
     if pipeline_parallel > 1:
         import deepspeed
 

@@ -41,6 +41,7 @@ from sad3_megatron.engine.plan import gradient_accumulation, parameter_count
 from sad3_megatron.errors import Sad3Error
 from sad3_megatron.evaluation import estimate_bound
 from sad3_megatron.model import model_parallel_config
+from sad3_megatron.model.fp8 import enable_fp8, require_fp8
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -79,9 +80,9 @@ def _optional_float(value) -> float | None:
     return None if value is None else float(value)
 
 
-def deepspeed_config(cfg: Config) -> dict:
+def deepspeed_config(cfg: Config, amp: torch.dtype | None) -> dict:
     t = cfg.train
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "gradient_clipping": t.grad_clip,
@@ -90,6 +91,11 @@ def deepspeed_config(cfg: Config) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if amp is not None:
+        # The engine switches off any autocast around its forward unless told to keep it: without this
+        # section train.precision=bf16 silently runs in fp32. Master weights and gradients stay fp32.
+        config["torch_autocast"] = {"enabled": True, "dtype": {torch.bfloat16: "bfloat16"}[amp]}
+    return config
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -191,6 +197,9 @@ def train(cfg: Config) -> TrainResult:
         model = build_pipeline(spec, model_parallel_config(), objective, base_seed=cfg.run.seed).to(device)
     else:
         model = parts.model
+    if t.fp8:
+        require_fp8(device)
+        enable_fp8(model)
     corpus = load_corpus(cfg.data, parts.tokenizer, seq_len)  # prepares token shards on first use
     if corpus.train.document_ids and pipelined:
         raise Sad3Error("data.packing=document is not available with pipeline parallelism yet: use data.packing=wrap")
@@ -198,6 +207,7 @@ def train(cfg: Config) -> TrainResult:
     is_main = rank() == 0
     t.grad_accum_steps = gradient_accumulation(cfg, dp_size)  # from train.global_batch_size when set
 
+    amp = autocast_dtype(t.precision, device)
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, t.warmup_steps, t.steps, t.lr_schedule, t.min_lr / t.lr)
@@ -206,7 +216,7 @@ def train(cfg: Config) -> TrainResult:
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg),
+        config=deepspeed_config(cfg, amp),
         mpu=MegatronMPU() if cfg.parallel.tensor_parallel > 1 and not pipelined else None,
         dist_init_required=False,
     )
@@ -220,7 +230,6 @@ def train(cfg: Config) -> TrainResult:
     if t.init_from and resume_from is None:
         _load_weights(engine.module, t.init_from, zero3, pipeline_layers)
     ema = EMA(engine.module, t.ema_decay) if t.ema_decay > 0 else None
-    amp = autocast_dtype(t.precision, device)
 
     start_step, tokens_seen = 0, 0
     if resume_from is not None:
