@@ -102,6 +102,7 @@ class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     zero_stage: int = 0
+    sequence_parallel: bool = False  # split norms, dropout and residuals along the sequence across TP ranks
 
 
 @dataclass
@@ -298,6 +299,14 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise Sad3Error(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     if p.tensor_parallel < 1 or p.pipeline_parallel < 1:
         raise Sad3Error("parallel.tensor_parallel and parallel.pipeline_parallel must be at least 1")
+    if p.sequence_parallel and p.tensor_parallel < 2:
+        raise Sad3Error(
+            "parallel.sequence_parallel splits the sequence across TP ranks: it needs parallel.tensor_parallel >= 2"
+        )
+    if p.sequence_parallel and m.seq_len % p.tensor_parallel:
+        raise Sad3Error(
+            f"parallel.sequence_parallel needs model.seq_len ({m.seq_len}) divisible by parallel.tensor_parallel ({p.tensor_parallel})"
+        )
     if p.pipeline_parallel > 1 and p.zero_stage > 1:
         raise Sad3Error(
             f"parallel.pipeline_parallel={p.pipeline_parallel} allows ZeRO stage 0 or 1 (DeepSpeed's pipeline engine): set parallel.zero_stage=1"

@@ -1,4 +1,4 @@
-"""Scale-out on CPU with gloo and several processes: tensor parallel and ZeRO data parallel
+"""Scale-out on CPU with gloo and several processes: tensor (and sequence) parallel, pipeline and ZeRO data parallel
 against the single-process run, SIGKILL-and-resume, interrupted saves, the DeepSpeed launcher."""
 
 import json
@@ -67,6 +67,7 @@ def single_process(tmp_path_factory) -> Path:
     "name,overrides",
     [
         ("tp2", ["parallel.tensor_parallel=2", "train.grad_accum_steps=2"]),
+        ("tp2-sp", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "train.grad_accum_steps=2"]),
         ("pp2", ["parallel.pipeline_parallel=2", "parallel.zero_stage=1", "train.grad_accum_steps=2"]),
         ("dp2-zero1", ["parallel.zero_stage=1"]),
         ("dp2-zero2", ["parallel.zero_stage=2"]),
@@ -93,6 +94,39 @@ def test_two_process_layouts_match_single_process(name, overrides, single_proces
         ours, theirs = load_file(str(ckpt / "model.safetensors")), from_deepspeed(ckpt)
         assert sorted(ours) == sorted(theirs)
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.slow
+def test_tensor_sequence_and_pipeline_parallel_together_match_single_process(single_process, tmp_path):
+    """TP = 2 with sequence parallelism inside each of PP = 2 stages (4 processes): stages pass
+    sequence slices to each other, and the last layer re-splits the noisy half."""
+    layout = ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.pipeline_parallel=2"]
+    run_train(
+        tmp_path,
+        ["train.steps=3", "train.ema_decay=0", "parallel.zero_stage=1", "train.grad_accum_steps=2", *layout],
+        nproc=4,
+    )
+    reference, parallel = losses(single_process), losses(tmp_path)
+    assert sorted(parallel) == sorted(reference) == [1, 2, 3]
+    for step, loss in reference.items():
+        assert parallel[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_zero3_keeps_a_partitioned_ema_equal_to_the_single_process_one_and_resumes_it(tmp_path):
+    """Under ZeRO-3 each rank averages its own partition; the consolidated EMA, straight or resumed
+    from a mid-run checkpoint, is the single-process EMA."""
+    common = ["train.ema_decay=0.5", "train.save_interval=2", "train.keep_last=3"]
+    run_train(tmp_path / "single", [*common, "train.steps=4", "train.grad_accum_steps=2"])
+    run_train(tmp_path / "zero3", [*common, "train.steps=4", "parallel.zero_stage=3"], nproc=2)
+    run_train(tmp_path / "resumed", [*common, "train.steps=2", "parallel.zero_stage=3"], nproc=2)
+    run_train(tmp_path / "resumed", [*common, "train.steps=4", "parallel.zero_stage=3"], nproc=2)
+    single = load_file(str(tmp_path / "single" / "checkpoints" / "step_0000004" / "ema.safetensors"))
+    for run in ("zero3", "resumed"):
+        ema = load_file(str(tmp_path / run / "checkpoints" / "step_0000004" / "ema.safetensors"))
+        assert sorted(ema) == sorted(single)
+        assert all((ema[k] - single[k]).abs().max() < 1e-4 for k in ema), run  # as the weights: Adam amplifies fp32 rounding
+        assert losses(tmp_path / run) == pytest.approx(losses(tmp_path / "single"), rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.slow

@@ -74,3 +74,17 @@ def test_training_with_document_packing_runs(tmp_path):
     )
     result = train(cfg)
     assert np.isfinite(result.final_loss) and np.isfinite(result.val["nelbo_per_token"])
+
+
+def test_bf16_autocast_is_kept_inside_the_deepspeed_engine():
+    """DeepSpeed switches off an outer autocast around its forward unless its config has a
+    torch_autocast section: without it, train.precision=bf16 would silently run in fp32."""
+    import torch
+    from deepspeed.runtime.config import get_torch_autocast_dtype, get_torch_autocast_enabled
+
+    from sad3_megatron.engine.trainer import deepspeed_config
+
+    cfg = load_config("configs/demo.yaml", [])
+    bf16 = deepspeed_config(cfg, torch.bfloat16)
+    assert get_torch_autocast_enabled(bf16) and get_torch_autocast_dtype(bf16) == torch.bfloat16
+    assert not get_torch_autocast_enabled(deepspeed_config(cfg, None))

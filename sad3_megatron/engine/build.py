@@ -41,7 +41,7 @@ def build_components(
         resolve_backend(backend or cfg.model.attention_backend, device),
     )
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every run and every parallel layout
-    model = build_model(spec, device) if with_model else None
+    model = build_model(spec, device, cfg.parallel.sequence_parallel) if with_model else None
     d = cfg.diffusion
     objective = build_objective(
         d.objective,

@@ -19,7 +19,7 @@ def gather_tensor_parallel(tensors: dict[str, torch.Tensor], model: nn.Module) -
     tp = parallel_state.get_tensor_model_parallel_world_size()
     out = {}
     for name, value in tensors.items():
-        value = value.detach().float().cpu().contiguous()
+        value = value.detach().to("cpu", torch.float32, copy=True).contiguous()  # a copy: never a live view
         param = params.get(name)
         if tp > 1 and param is not None and getattr(param, "tensor_model_parallel", False):
             pieces = [torch.empty_like(value) for _ in range(tp)]

@@ -57,7 +57,7 @@ class LayerStage(TransformerLayer):
         self.mask, self.keep = mask, keep
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        rows = self.keep or h.shape[0]
+        rows = self.keep or self.mask.q_len  # the whole sequence: h may be a sequence-parallel slice
         out, _ = super().forward(h, self.rotary(self.positions), self.mask.first_rows(rows), None, rows)
         return out
 

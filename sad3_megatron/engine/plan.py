@@ -24,11 +24,13 @@ class Plan:
     tokens: int
     parameters: int
     memory_gib: dict[str, float]
+    sequence_parallel: bool = False
 
     def lines(self) -> list[str]:
         mem = ", ".join(f"{k} {v:.2f}" for k, v in self.memory_gib.items())
         return [
-            f"world size {self.world_size} = TP {self.tp} × PP {self.pp} × DP {self.dp}",
+            f"world size {self.world_size} = TP {self.tp} × PP {self.pp} × DP {self.dp}"
+            + (" (sequence parallel within TP)" if self.sequence_parallel else ""),
             f"batch: micro {self.micro_batch} × grad-accum {self.grad_accum} × DP {self.dp} = global {self.global_batch} sequences",
             f"steps {self.steps:,}; tokens {self.tokens:,} ({self.tokens / 1e9:.2f}B)",
             f"parameters {self.parameters:,} ({self.parameters / 1e6:.1f}M)",
@@ -70,11 +72,12 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int) -> Plan:
     params = parameter_count(cfg, vocab_size)
     return Plan(
         world_size, p.tensor_parallel, p.pipeline_parallel, dp, t.micro_batch_size, accum, global_batch,
-        t.steps, t.steps * global_batch * m.seq_len, params, memory_estimate(cfg, params, dp),
+        t.steps, t.steps * global_batch * m.seq_len, params, memory_estimate(cfg, params, dp, accum),
+        p.sequence_parallel,
     )  # fmt: skip
 
 
-def memory_estimate(cfg: Config, params: int, dp: int) -> dict[str, float]:
+def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1) -> dict[str, float]:
     """Bytes per GPU: fp32 weights, gradients and Adam moments (ZeRO shards them over DP from stage
     3, 2 and 1 on), the fp32 EMA, and activations of one micro-batch of the doubled sequence."""
     p, m = cfg.parallel, cfg.model
@@ -88,9 +91,14 @@ def memory_estimate(cfg: Config, params: int, dp: int) -> dict[str, float]:
     sizes = resolved_model_sizes(m)
     s = 2 * m.seq_len if cfg.diffusion.objective == "sad3" and cfg.diffusion.block_size < m.seq_len else m.seq_len
     b, h, layers = cfg.train.micro_batch_size, sizes["hidden_size"], sizes["num_layers"]
-    bytes_per_value = 2 if cfg.train.precision != "fp32" else 4
-    # Per layer: ~17 hidden-sized tensors kept for backward (flash/flex-style attention: no s² term).
-    activations = 17 * s * b * h * bytes_per_value * layers / model_parallel
+    half_precision = cfg.train.precision != "fp32"
+    # Per layer, bytes kept for backward in 16-bit (Korthikanti et al., 2022, with a fused attention
+    # kernel: no s² term): 34·sbh, of which 24·sbh is split by TP. Sequence parallelism splits the rest.
+    t = p.tensor_parallel
+    per_layer = s * b * h * (34 / t if p.sequence_parallel else 10 + 24 / t) * (1 if half_precision else 2)
+    # 1F1B keeps up to PP micro-batches in flight on the first stage, each over layers/PP layers.
+    in_flight = min(p.pipeline_parallel, grad_accum) if p.pipeline_parallel > 1 else 1
+    activations = per_layer * layers / p.pipeline_parallel * in_flight
     return {
         "weights": weights / GIB,
         "grads": grads / GIB,

@@ -40,7 +40,7 @@ from sad3_megatron.engine.pipeline import build_pipeline, pipeline_bound, to_can
 from sad3_megatron.engine.plan import gradient_accumulation, parameter_count
 from sad3_megatron.errors import Sad3Error
 from sad3_megatron.evaluation import estimate_bound
-from sad3_megatron.model import model_parallel_config
+from sad3_megatron.model import build_model, model_parallel_config, prepare_sequence_parallel
 from sad3_megatron.model.fp8 import enable_fp8, require_fp8
 
 
@@ -91,6 +91,10 @@ def deepspeed_config(cfg: Config, amp: torch.dtype | None) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.parallel.sequence_parallel:
+        # DeepSpeed's pipeline splits activations across TP ranks before sending them, assuming TP ranks
+        # hold copies; sequence-parallel ranks hold different slices, each sent whole.
+        config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if amp is not None:
         # The engine switches off any autocast around its forward unless told to keep it: without this
         # section train.precision=bf16 silently runs in fp32. Master weights and gradients stay fp32.
@@ -100,8 +104,11 @@ def deepspeed_config(cfg: Config, amp: torch.dtype | None) -> dict:
 
 def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms and biases
+    def matrix(p: torch.nn.Parameter) -> bool:  # ZeRO-3 partitioned parameters keep their shape in ds_shape
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    decay = [p for p in model.parameters() if matrix(p)]
+    no_decay = [p for p in model.parameters() if not matrix(p)]  # norms and biases
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), foreach=True)
 
@@ -190,24 +197,33 @@ def train(cfg: Config) -> TrainResult:
     run_dir = Path(cfg.run.out_dir)
     t, seq_len = cfg.train, cfg.model.seq_len
     pipelined = cfg.parallel.pipeline_parallel > 1
-    parts = build_components(cfg, with_model=not pipelined)
+    parts = build_components(cfg, with_model=False)
     device, objective, spec = parts.device, parts.objective, parts.spec
     pipeline_layers = spec.num_layers if pipelined else None
+    dp_rank, dp_size = data_parallel_info()
+    is_main = rank() == 0
+    t.grad_accum_steps = gradient_accumulation(cfg, dp_size)  # from train.global_batch_size when set
+    amp = autocast_dtype(t.precision, device)
+    ds_config = deepspeed_config(cfg, amp)
+    zero3 = cfg.parallel.zero_stage == 3
+    mpu = MegatronMPU() if cfg.parallel.tensor_parallel > 1 and not pipelined else None
+    sequence_parallel = cfg.parallel.sequence_parallel
     if pipelined:
-        model = build_pipeline(spec, model_parallel_config(), objective, base_seed=cfg.run.seed).to(device)
+        model = build_pipeline(spec, model_parallel_config(sequence_parallel), objective, cfg.run.seed).to(device)
+        if sequence_parallel:
+            prepare_sequence_parallel(model)
     else:
-        model = parts.model
+        # Under ZeRO-3 each layer's weights are partitioned as soon as it is built: no rank ever
+        # holds the whole model, which is what lets the largest presets start at all.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu, mem_efficient_linear=False, enabled=zero3):
+            model = build_model(spec, device, sequence_parallel)
     if t.fp8:
         require_fp8(device)
         enable_fp8(model)
     corpus = load_corpus(cfg.data, parts.tokenizer, seq_len)  # prepares token shards on first use
     if corpus.train.document_ids and pipelined:
         raise Sad3Error("data.packing=document is not available with pipeline parallelism yet: use data.packing=wrap")
-    dp_rank, dp_size = data_parallel_info()
-    is_main = rank() == 0
-    t.grad_accum_steps = gradient_accumulation(cfg, dp_size)  # from train.global_batch_size when set
 
-    amp = autocast_dtype(t.precision, device)
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, t.warmup_steps, t.steps, t.lr_schedule, t.min_lr / t.lr)
@@ -216,15 +232,10 @@ def train(cfg: Config) -> TrainResult:
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, amp),
-        mpu=MegatronMPU() if cfg.parallel.tensor_parallel > 1 and not pipelined else None,
+        config=ds_config,
+        mpu=mpu,
         dist_init_required=False,
     )
-    zero3 = cfg.parallel.zero_stage == 3
-    if zero3 and t.ema_decay > 0:
-        raise Sad3Error(
-            "EMA is not supported with ZeRO-3 (its weights are partitioned): set train.ema_decay=0 or use ZeRO-1/2"
-        )
     ckpt_root = run_dir / "checkpoints"
     resume_from = _resume_point(t.resume, ckpt_root, run_dir)
     if t.init_from and resume_from is None:
@@ -237,7 +248,7 @@ def train(cfg: Config) -> TrainResult:
         start_step, tokens_seen = state["step"], state["tokens"]
         if ema is not None:
             ema.load_state_dict(
-                local_weights(load_ema(resume_from), engine.module, pipeline_layers), state["ema_updates"]
+                local_weights(load_ema(resume_from), engine.module, pipeline_layers), engine.module, state["ema_updates"]
             )
 
     if is_main:
@@ -284,10 +295,21 @@ def train(cfg: Config) -> TrainResult:
     def consolidated_weights() -> tuple[dict, dict | None]:
         """Model and EMA weights in the TP = 1 layout (collective over TP; ZeRO-3 gathers first)."""
         module = engine.module
-        gathered = deepspeed.zero.GatheredParameters(list(module.parameters())) if zero3 else nullcontext()
-        with gathered:
-            weights = gather_tensor_parallel(model_tensors(module), module)
-        ema_weights = gather_tensor_parallel(ema.shadow, module) if ema else None
+
+        def gathered() -> dict:
+            if not zero3:
+                return gather_tensor_parallel(model_tensors(module), module)
+            out = {}  # one parameter at a time: never the whole model gathered on a rank
+            for name, p in module.named_parameters():
+                with deepspeed.zero.GatheredParameters([p]):
+                    out.update(gather_tensor_parallel({name: p.data}, module))
+            return out
+
+        weights = gathered()
+        ema_weights = None
+        if ema is not None:
+            with ema.applied(module):
+                ema_weights = gathered()
         if pipelined:
             weights = to_canonical(weights, spec.num_layers)
             ema_weights = to_canonical(ema_weights, spec.num_layers) if ema else None

@@ -7,6 +7,7 @@ from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from sad3_megatron.config import PRESETS, ModelConfig, resolved_model_sizes
+from sad3_megatron.model.sequence_parallel import sum_sequence_parallel_grads
 from sad3_megatron.model.transformer import KV, ModelOutput, SAD3Transformer, TransformerSpec
 
 
@@ -21,19 +22,32 @@ def make_spec(cfg: ModelConfig, vocab_size: int, mask_id: int, backend: str) -> 
     )
 
 
-def model_parallel_config() -> ModelParallelConfig:
+def model_parallel_config(sequence_parallel: bool = False) -> ModelParallelConfig:
     """megatron-core layer settings for this process's tensor-parallel group."""
     return ModelParallelConfig(
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
         use_cpu_initialization=True,  # identical init on every TP layout; GPU init needs CUDA RNG trackers
         perform_initialization=True,
         params_dtype=torch.float32,
     )
 
 
-def build_model(spec: TransformerSpec, device: torch.device) -> SAD3Transformer:
+def build_model(spec: TransformerSpec, device: torch.device, sequence_parallel: bool = False) -> SAD3Transformer:
     """Instantiate x_θ for this rank's tensor-parallel shard (parallel_state must be initialized)."""
-    return SAD3Transformer(spec, model_parallel_config()).to(device)
+    model = SAD3Transformer(spec, model_parallel_config(sequence_parallel)).to(device)
+    if sequence_parallel:
+        prepare_sequence_parallel(model)
+    return model
+
+
+def prepare_sequence_parallel(model: torch.nn.Module) -> None:
+    """Hook the gradients of sequence-sliced parameters; on gloo (CPU), swap in collectives gloo has."""
+    sum_sequence_parallel_grads(model)
+    if torch.distributed.get_backend(parallel_state.get_tensor_model_parallel_group()) == "gloo":
+        from sad3_megatron.engine.gloo_collectives import use_gloo_sequence_parallel
+
+        use_gloo_sequence_parallel(model)
 
 
 __all__ = [
@@ -45,4 +59,5 @@ __all__ = [
     "build_model",
     "make_spec",
     "model_parallel_config",
+    "prepare_sequence_parallel",
 ]

@@ -12,18 +12,18 @@ Why this and not Transformer Engine or torchao:
   builds exactly.
 - torchao's float8 conversion swaps `nn.Linear` modules, and megatron-core's ColumnParallelLinear and
   RowParallelLinear are not `nn.Linear`.
-A `_forward_impl` built on megatron-core's public region mappings keeps the layers, their sharding
-and tensor/sequence parallelism as they are. It changes only the matmul. `_scaled_mm` also runs on
+A `_forward_impl` built on megatron-core's public region mappings (model/tp_linear.py) keeps the
+layers, their sharding and tensor/sequence parallelism as they are. It changes only the matmul. `_scaled_mm` also runs on
 CPU, so the path is tested there against a hand-written quantize–dequantize reference.
 """
 
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
 from torch import nn
 
 from sad3_megatron.errors import Sad3Error
+from sad3_megatron.model.tp_linear import set_forward_impl
 
 E4M3 = getattr(torch, "float8_e4m3fn", None)
 E5M2 = getattr(torch, "float8_e5m2", None)
@@ -80,33 +80,18 @@ class Fp8Linear(torch.autograd.Function):
         return grad_x, grad_w.to(weight.dtype), None
 
 
-def fp8_forward_impl(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    gradient_accumulation_fusion: bool = False,
-    allreduce_dgrad: bool = False,
-    sequence_parallel: bool = False,
-    tp_group=None,
-    **_: object,
-) -> torch.Tensor:
-    """Drop-in for megatron-core's linear `_forward_impl`. It keeps that function's tensor- and
-    sequence-parallel contract and runs the matmul in fp8."""
-    if sequence_parallel:  # all-gather the sequence forward, reduce-scatter its gradient backward
-        input = tensor_parallel.gather_from_sequence_parallel_region(input, True, group=tp_group)
-    elif allreduce_dgrad:  # identity forward, all-reduce of the input gradient backward
-        input = tensor_parallel.copy_to_tensor_model_parallel_region(input, group=tp_group)
-    amp = torch.get_autocast_dtype(input.device.type) if torch.is_autocast_enabled(input.device.type) else None
-    out_dtype = amp or input.dtype
+def fp8_linear(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ in fp8, returned in the autocast dtype (or the input's dtype outside autocast)."""
+    device = input.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else input.dtype
     rows = input.numel() // input.shape[-1]  # the inner size of the weight-gradient GEMM
     if rows % 16 or input.shape[-1] % 16 or weight.shape[0] % 16:
         raise Sad3Error(
             f"fp8 matmuls need sizes divisible by 16, got {rows} tokens × {input.shape[-1]} → {weight.shape[0]}: "
             "pick a micro-batch × context and model sizes that are multiples of 16"
         )
-    with torch.autocast(input.device.type, enabled=False):
-        out = Fp8Linear.apply(input, weight, out_dtype)
-    return out + bias.to(out.dtype) if bias is not None else out
+    with torch.autocast(device, enabled=False):
+        return Fp8Linear.apply(input, weight, out_dtype)
 
 
 def enable_fp8(model: nn.Module) -> int:
@@ -114,10 +99,11 @@ def enable_fp8(model: nn.Module) -> int:
     Applied from outside the model, like the parallel layouts, so the model file stays precision-free."""
     from sad3_megatron.model.transformer import TransformerLayer  # the pipeline's stages subclass it
 
-    switched = 0
-    for layer in model.modules():
-        if isinstance(layer, TransformerLayer):
-            for linear in (layer.attn.qkv, layer.attn.proj, layer.mlp.fc1, layer.mlp.fc2):
-                linear._forward_impl = fp8_forward_impl
-                switched += 1
-    return switched
+    linears = [
+        linear
+        for layer in model.modules()
+        if isinstance(layer, TransformerLayer)
+        for linear in (layer.attn.qkv, layer.attn.proj, layer.mlp.fc1, layer.mlp.fc2)
+    ]
+    set_forward_impl(linears, fp8_linear)
+    return len(linears)

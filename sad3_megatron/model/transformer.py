@@ -6,7 +6,8 @@ One forward serves every use, through Eq. 6's interface
 - vectorized training: tokens = x_t ⊕ x, mask = Mask(L, L'), logits for the noisy half only;
 - the naive Alg. 1 loop and KV-cache sampling: tokens = one block, `past_kv` = the clean prefix;
 - the AR baseline: tokens = x, the causal mask.
-The model knows nothing about parallel layouts beyond its layers; it runs at TP=1 as a plain module.
+The model knows nothing about parallel layouts beyond its layers and where sequence parallelism splits
+the sequence (model/sequence_parallel.py); it runs at TP=1 as a plain module.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from sad3_megatron.attention import AttentionMask, attend
 from sad3_megatron.model.rotary import RotaryEmbedding, apply_rotary
+from sad3_megatron.model.sequence_parallel import first_rows, split_sequence
 
 KV = tuple[torch.Tensor, torch.Tensor]  # rotated keys and values of one layer, [b, heads, s, head_dim]
 
@@ -132,25 +134,29 @@ class TransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(spec.hidden_size)
         self.mlp = MLP(spec, mp, out_std)
         self.dropout = nn.Dropout(spec.dropout)
+        self.sequence_parallel = mp.sequence_parallel
 
     def forward(self, h, rope, mask, past, keep: int) -> tuple[torch.Tensor, KV]:
         """`keep` < seq drops the rows nobody reads after this layer (the clean half in the last layer)."""
         attn_out, kv = self.attn(self.norm1(h), rope, mask, past, keep)
-        h = h[:keep] + self.dropout(attn_out)
+        h = first_rows(h, keep, self.sequence_parallel) + self.dropout(attn_out)
         return h + self.dropout(self.mlp(self.norm2(h))), kv
 
 
 class Embedding(nn.Module):
-    """Token ids [b, s] → hidden states [s, b, hidden] (vocabulary-sharded under TP)."""
+    """Token ids [b, s] → hidden states [s, b, hidden] (vocabulary-sharded under TP; this rank's
+    [s/TP, b, hidden] slice under sequence parallelism)."""
 
     def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig):
         super().__init__()
         self.embed = tensor_parallel.VocabParallelEmbedding(
             spec.padded_vocab_size, spec.hidden_size, init_method=_normal_init(0.02), config=mp
         )
+        self.sequence_parallel = mp.sequence_parallel
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embed(tokens).transpose(0, 1).contiguous()  # contiguous: pipeline stages send it
+        h = self.embed(tokens).transpose(0, 1).contiguous()  # contiguous: pipeline stages send it
+        return split_sequence(h, self.sequence_parallel)
 
 
 class OutputHead(nn.Module):
@@ -229,7 +235,7 @@ class SAD3Transformer(nn.Module):
         new_kv: list[KV] = []
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            rows = keep if i == last else h.shape[0]
+            rows = keep if i == last else tokens.shape[1]
             layer_mask = mask.first_rows(rows) if mask is not None else None
             h, kv = layer(h, rope, layer_mask, past_kv[i] if past_kv is not None else None, rows)
             new_kv.append(kv)
