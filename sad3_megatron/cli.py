@@ -45,7 +45,8 @@ def _print_plan(cfg, world_size: int | None) -> int:
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     plan = make_plan(cfg, world, load_tokenizer(cfg.data.tokenizer).vocab_size)
     print(
-        f"sad3 train --dry-run: {cfg.run.name}, {cfg.model.preset} model, L={cfg.model.seq_len}, L'={cfg.diffusion.block_size}, objective={cfg.diffusion.objective}, ZeRO-{cfg.parallel.zero_stage}"
+        f"sad3 train --dry-run: {cfg.run.name}, {cfg.model.preset} model, L={cfg.model.seq_len}, L'={cfg.diffusion.block_size}, objective={cfg.diffusion.objective}, ZeRO-{cfg.parallel.zero_stage}, "
+        f"precision {cfg.train.precision}{' + fp8 GEMMs' if cfg.train.fp8 else ''}"
     )
     for line in plan.lines():
         print("  " + line)

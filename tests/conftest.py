@@ -23,3 +23,15 @@ def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4,
 
 def random_tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, MASK_ID, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def dequantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 tensorwise scaling written out in float64: scale the amax to the format's max, round, scale back."""
+    t = t.detach().double()
+    scale = torch.finfo(dtype).max / t.abs().max()
+    return (t * scale).to(dtype).double() / scale

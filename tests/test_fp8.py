@@ -3,21 +3,10 @@ and a whole fp8 model against the same model in fp32. `torch._scaled_mm` runs on
 the code path a Hopper GPU runs, on other hardware."""
 
 import torch
-from conftest import MASK_ID, random_tokens, tiny_model
+from conftest import MASK_ID, dequantized, random_tokens, rel, tiny_model
 
 from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule
 from sad3_megatron.model.fp8 import E4M3, E5M2, Fp8Linear, enable_fp8
-
-
-def dequantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Tensorwise scaling written out: scale the amax to the format's max, round, scale back."""
-    t = t.detach().double()
-    scale = torch.finfo(dtype).max / t.abs().max()
-    return (t * scale).to(dtype).double() / scale
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_fp8_linear_forward_and_gradients_equal_the_quantized_reference():

@@ -9,7 +9,7 @@ run them on a GPU with `python -m pytest -q -m gpu tests`.
 
 import pytest
 import torch
-from conftest import MASK_ID, random_tokens, tiny_model
+from conftest import MASK_ID, dequantized, random_tokens, rel, tiny_model
 
 from sad3_megatron.attention import AttentionMask, attend
 from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule
@@ -19,10 +19,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 MASKS = {
@@ -77,12 +73,6 @@ def test_vectorized_pass_on_flex_equals_the_naive_loop(block_size):
     slow, slow_grad = loss_and_grads(sdpa, naive=True)
     assert abs(fast - slow) / slow < 1e-4
     assert rel(fast_grad, slow_grad) < 1e-3
-
-
-def dequantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    t = t.detach().double()
-    scale = torch.finfo(dtype).max / t.abs().max()
-    return (t * scale).to(dtype).double() / scale
 
 
 def test_fp8_gemms_on_the_gpu_equal_the_quantized_reference():

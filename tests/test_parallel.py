@@ -125,7 +125,9 @@ def test_zero3_keeps_a_partitioned_ema_equal_to_the_single_process_one_and_resum
     for run in ("zero3", "resumed"):
         ema = load_file(str(tmp_path / run / "checkpoints" / "step_0000004" / "ema.safetensors"))
         assert sorted(ema) == sorted(single)
-        assert all((ema[k] - single[k]).abs().max() < 1e-4 for k in ema), run  # as the weights: Adam amplifies fp32 rounding
+        assert all((ema[k] - single[k]).abs().max() < 1e-4 for k in ema), (
+            run
+        )  # as the weights: Adam amplifies fp32 rounding
         assert losses(tmp_path / run) == pytest.approx(losses(tmp_path / "single"), rel=1e-5, abs=1e-5)
 
 

@@ -104,6 +104,7 @@ def deepspeed_config(cfg: Config, amp: torch.dtype | None) -> dict:
 
 def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
+
     def matrix(p: torch.nn.Parameter) -> bool:  # ZeRO-3 partitioned parameters keep their shape in ds_shape
         return len(getattr(p, "ds_shape", p.shape)) >= 2
 
@@ -248,7 +249,9 @@ def train(cfg: Config) -> TrainResult:
         start_step, tokens_seen = state["step"], state["tokens"]
         if ema is not None:
             ema.load_state_dict(
-                local_weights(load_ema(resume_from), engine.module, pipeline_layers), engine.module, state["ema_updates"]
+                local_weights(load_ema(resume_from), engine.module, pipeline_layers),
+                engine.module,
+                state["ema_updates"],
             )
 
     if is_main:
