@@ -113,6 +113,19 @@ def test_tensor_sequence_and_pipeline_parallel_together_match_single_process(sin
 
 
 @pytest.mark.slow
+def test_rows_packed_by_document_pass_their_labels_through_pipeline_stages(tmp_path):
+    """data.packing=document under PP = 2: the document labels travel with the hidden states and
+    every stage masks across documents, as the single process does."""
+    common = ["train.steps=3", "train.ema_decay=0", "data.packing=document", "train.grad_accum_steps=2"]
+    run_train(tmp_path / "single", common)
+    run_train(tmp_path / "pp2", [*common, "parallel.pipeline_parallel=2", "parallel.zero_stage=1"], nproc=2)
+    reference, pipelined = losses(tmp_path / "single"), losses(tmp_path / "pp2")
+    assert sorted(pipelined) == sorted(reference) == [1, 2, 3]
+    for step, loss in reference.items():
+        assert pipelined[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+
+
+@pytest.mark.slow
 def test_zero3_keeps_a_partitioned_ema_equal_to_the_single_process_one_and_resumes_it(tmp_path):
     """Under ZeRO-3 each rank averages its own partition; the consolidated EMA, straight or resumed
     from a mid-run checkpoint, is the single-process EMA."""

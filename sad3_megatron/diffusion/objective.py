@@ -85,11 +85,15 @@ class BlockDiffusionObjective:
         noised = self.noise(x, generator, schedule)
         return TrainingPass(self._tokens(x, noised), x, token_weights(noised))
 
+    def document_window(self, document_ids: torch.Tensor) -> torch.Tensor:
+        """Document ids [b, L] → the labels of every key position of the training window."""
+        return document_window_ids(document_ids, doubled=self.block_size < self.seq_len)
+
     def attention_mask(self, document_ids: torch.Tensor | None = None) -> AttentionMask | DocumentMask:
         """The training mask, intersected with "same document" when rows pack several documents."""
         if document_ids is None:
             return self.mask
-        return DocumentMask(self.mask, document_window_ids(document_ids, doubled=self.block_size < self.seq_len))
+        return DocumentMask(self.mask, self.document_window(document_ids))
 
     def token_nll(
         self, model: Denoiser, x: torch.Tensor, noised: NoisedBatch, document_ids: torch.Tensor | None = None
@@ -159,6 +163,9 @@ class AutoregressiveObjective:
     def training_pass(self, x: torch.Tensor, generator: torch.Generator | None = None, schedule=None) -> TrainingPass:
         return TrainingPass(x[:, :-1], x[:, 1:], torch.ones(x[:, 1:].shape, device=x.device))
 
+    def document_window(self, document_ids: torch.Tensor) -> torch.Tensor:
+        return document_ids[:, :-1]
+
     def __call__(
         self,
         model: Denoiser,
@@ -168,7 +175,7 @@ class AutoregressiveObjective:
         **_,
     ) -> LossTerms:
         batch = self.training_pass(x)
-        mask = self.mask if document_ids is None else DocumentMask(self.mask, document_ids[:, :-1])
+        mask = self.mask if document_ids is None else DocumentMask(self.mask, self.document_window(document_ids))
         nll = model(batch.tokens, self.positions.to(x.device), mask, labels=batch.labels).token_nll
         return loss_terms(nll, batch.weights)
 

@@ -4,7 +4,8 @@ The stages are the classes of `model/transformer.py` (Embedding, TransformerLaye
 built with the same per-component seeds, so a pipelined model starts from exactly the weights of
 the single-process one. Everything data-dependent (x_t ⊕ x, labels, loss weights) is made before
 the pipeline by the objective's `training_pass`; the stages only need the objective's static
-layout (rotary positions, the block-diffusion mask, how many rows the last layer keeps).
+layout (rotary positions, the block-diffusion mask, how many rows the last layer keeps), plus, for
+rows packed by document, the document labels, which travel with the hidden states.
 
 Why DeepSpeed's engine and not megatron-core's schedules: megatron-core 0.16's pipeline schedules
 and p2p communication allocate on CUDA and fail on CPU, while DeepSpeed's PipelineEngine runs over
@@ -23,9 +24,10 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 
-from sad3_megatron.attention import AttentionMask
-from sad3_megatron.diffusion import AutoregressiveObjective, evaluation_schedule
+from sad3_megatron.attention import AttentionMask, DocumentMask
+from sad3_megatron.diffusion import AutoregressiveObjective, TrainingPass, evaluation_schedule
 from sad3_megatron.evaluation import BoundEstimate
+from sad3_megatron.evaluation.likelihood import rows_and_documents
 from sad3_megatron.model.rotary import RotaryEmbedding
 from sad3_megatron.model.transformer import (
     Embedding,
@@ -37,10 +39,22 @@ from sad3_megatron.model.transformer import (
 )
 
 
+def pipeline_batch(objective, batch: TrainingPass, document_ids: torch.Tensor | None) -> tuple:
+    """One micro-batch as the pipeline takes it: the stage inputs, then the loss targets. Rows packed
+    by document also send their window's document labels through the stages, for the mask."""
+    inputs = batch.tokens if document_ids is None else (batch.tokens, objective.document_window(document_ids))
+    return inputs, (batch.labels, batch.weights)
+
+
 class EmbeddingStage(Embedding):
     def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig, base_seed: int):
         init_seed(base_seed, 0)
         super().__init__(spec, mp)
+
+    def forward(self, inputs):
+        if isinstance(inputs, tuple):  # (tokens, document labels): the labels ride along
+            return super().forward(inputs[0]), inputs[1]
+        return super().forward(inputs)
 
 
 class LayerStage(TransformerLayer):
@@ -56,16 +70,21 @@ class LayerStage(TransformerLayer):
         self.register_buffer("positions", positions.clone(), persistent=False)
         self.mask, self.keep = mask, keep
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs):
+        h, windows = inputs if isinstance(inputs, tuple) else (inputs, None)
+        mask = self.mask if windows is None else DocumentMask(self.mask, windows)
         rows = self.keep or self.mask.q_len  # the whole sequence: h may be a sequence-parallel slice
-        out, _ = super().forward(h, self.rotary(self.positions), self.mask.first_rows(rows), None, rows)
-        return out
+        out, _ = super().forward(h, self.rotary(self.positions), mask.first_rows(rows), None, rows)
+        return out if windows is None else (out, windows)
 
 
 class HeadStage(OutputHead):
     def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig, base_seed: int):
         init_seed(base_seed, 1 + spec.num_layers)
         super().__init__(spec, mp)
+
+    def forward(self, inputs):
+        return super().forward(inputs[0] if isinstance(inputs, tuple) else inputs)
 
 
 def pipeline_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -132,10 +151,10 @@ def pipeline_bound(
     available = len(sequences) if not max_sequences else min(max_sequences, len(sequences))
     usable = available // batch_size * batch_size
     for start in range(0, usable, batch_size):
-        x = torch.as_tensor(sequences[start : start + batch_size], device=device)
-        batch = objective.training_pass(x, generator, schedule)
+        x, document_ids = rows_and_documents(sequences, start, start + batch_size, device)
+        batch = pipeline_batch(objective, objective.training_pass(x, generator, schedule), document_ids)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = engine.eval_batch(iter([(batch.tokens, (batch.labels, batch.weights))]), num_micro_batches=1)
+            loss = engine.eval_batch(iter([batch]), num_micro_batches=1)
         losses.append(float(loss))
     mean = sum(losses) / len(losses)
     tokens = usable * objective.num_outputs

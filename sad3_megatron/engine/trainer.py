@@ -36,7 +36,7 @@ from sad3_megatron.engine.flops import peak_tflops, training_flops_per_sequence
 from sad3_megatron.engine.lr_schedule import lr_multiplier
 from sad3_megatron.engine.metrics import MetricsLog
 from sad3_megatron.engine.mpu import MegatronMPU
-from sad3_megatron.engine.pipeline import build_pipeline, pipeline_bound, to_canonical, to_local
+from sad3_megatron.engine.pipeline import build_pipeline, pipeline_batch, pipeline_bound, to_canonical, to_local
 from sad3_megatron.engine.plan import gradient_accumulation, parameter_count
 from sad3_megatron.errors import Sad3Error
 from sad3_megatron.evaluation import estimate_bound
@@ -222,8 +222,6 @@ def train(cfg: Config) -> TrainResult:
         require_fp8(device)
         enable_fp8(model)
     corpus = load_corpus(cfg.data, parts.tokenizer, seq_len)  # prepares token shards on first use
-    if corpus.train.document_ids and pipelined:
-        raise Sad3Error("data.packing=document is not available with pipeline parallelism yet: use data.packing=wrap")
 
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -335,14 +333,14 @@ def train(cfg: Config) -> TrainResult:
         logging_step = (step + 1) % t.log_interval == 0 or step + 1 == t.steps
         grad_norm = None
         if pipelined:  # DeepSpeed's engine runs the micro-batches through the stages and steps
-            passes = [
-                objective.training_pass(x, generator)
-                for x, _, generator in (
+            batches = [
+                pipeline_batch(objective, objective.training_pass(x, generator), document_ids)
+                for x, document_ids, generator in (
                     _micro_batch(corpus, cfg, step, micro * dp_size + dp_rank, device)
                     for micro in range(t.grad_accum_steps)
                 )
             ]
-            loss_sum += engine.train_batch(iter([(p.tokens, (p.labels, p.weights)) for p in passes])).detach()
+            loss_sum += engine.train_batch(iter(batches)).detach()
             loss_sum *= t.grad_accum_steps  # train_batch returns the mean over micro-batches and ranks
         for micro in range(0 if pipelined else t.grad_accum_steps):
             slot = micro * dp_size + dp_rank
