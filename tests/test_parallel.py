@@ -145,6 +145,19 @@ def test_zero3_keeps_a_partitioned_ema_equal_to_the_single_process_one_and_resum
 
 
 @pytest.mark.slow
+def test_portable_tensor_parallel_linear_equals_megatron_core_at_tp2():
+    """model/tp_linear.py (the forward fp8 GEMMs use) against megatron-core's own, TP = 2 on gloo."""
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "tests/workers/tp_linear_equivalence.py",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.count("tp_linear ok") == 2, proc.stdout + proc.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     common = ["train.steps=8", "train.save_interval=2", "train.keep_last=5"]
     run_train(tmp_path / "straight", common)
