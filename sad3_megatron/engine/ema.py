@@ -1,8 +1,9 @@
 """Exponential moving average of the weights, kept in fp32 beside the model.
 
 Under ZeRO-3 each rank averages only its partition of every parameter (`ds_tensor`), so the EMA is
-sharded like the weights. Applying it (evaluation, consolidation) writes each parameter through
-DeepSpeed's GatheredParameters, one parameter at a time, so no rank ever holds a whole copy of the model.
+sharded like the weights. Applying it for evaluation writes each parameter through DeepSpeed's
+GatheredParameters, and checkpoints read it back one parameter at a time, so no rank ever holds a
+whole copy of the model.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class EMA:
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
-        """Temporarily load the averaged weights into `model` (evaluation, consolidation)."""
+        """Temporarily load the averaged weights into `model` (for evaluation)."""
         params = dict(model.named_parameters())
         backup = {name: _values(p).detach().clone() for name, p in params.items()}
         _assign(params, self.shadow)
@@ -82,6 +83,10 @@ class EMA:
             yield
         finally:
             _assign(params, backup)
+
+    def whole(self, name: str, p: nn.Parameter) -> torch.Tensor:
+        """The average of parameter `name` as a whole tensor (gathered over ZeRO-3 partitions)."""
+        return _whole(self.shadow[name], p)
 
     def load_state_dict(self, shadow: dict[str, torch.Tensor], model: nn.Module, updates: int) -> None:
         """Restore the averages (this rank's tensor-parallel shards of ema.safetensors) and the update count."""

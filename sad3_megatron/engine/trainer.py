@@ -98,7 +98,7 @@ def deepspeed_config(cfg: Config, amp: torch.dtype | None) -> dict:
     if amp is not None:
         # The engine switches off any autocast around its forward unless told to keep it: without this
         # section train.precision=bf16 silently runs in fp32. Master weights and gradients stay fp32.
-        config["torch_autocast"] = {"enabled": True, "dtype": {torch.bfloat16: "bfloat16"}[amp]}
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}  # the only autocast dtype offered
     return config
 
 
@@ -297,20 +297,18 @@ def train(cfg: Config) -> TrainResult:
         """Model and EMA weights in the TP = 1 layout (collective over TP; ZeRO-3 gathers first)."""
         module = engine.module
 
-        def gathered() -> dict:
-            if not zero3:
-                return gather_tensor_parallel(model_tensors(module), module)
-            out = {}  # one parameter at a time: never the whole model gathered on a rank
+        if zero3:  # one parameter at a time: never the whole model gathered on a rank
+            weights = {}
             for name, p in module.named_parameters():
                 with deepspeed.zero.GatheredParameters([p]):
-                    out.update(gather_tensor_parallel({name: p.data}, module))
-            return out
-
-        weights = gathered()
+                    weights.update(gather_tensor_parallel({name: p.data}, module))
+        else:
+            weights = gather_tensor_parallel(model_tensors(module), module)
         ema_weights = None
         if ema is not None:
-            with ema.applied(module):
-                ema_weights = gathered()
+            ema_weights = {}
+            for name, p in module.named_parameters():
+                ema_weights.update(gather_tensor_parallel({name: ema.whole(name, p)}, module))
         if pipelined:
             weights = to_canonical(weights, spec.num_layers)
             ema_weights = to_canonical(ema_weights, spec.num_layers) if ema else None
