@@ -87,7 +87,7 @@ def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1) -> d
     weights = 4 * local / (dp if z >= 3 else 1)
     grads = 4 * local / (dp if z >= 2 else 1)
     adam = 8 * local / (dp if z >= 1 else 1)
-    ema = 4 * local if cfg.train.ema_decay > 0 else 0.0
+    ema = 4 * local / (dp if z >= 3 else 1) if cfg.train.ema_decay > 0 else 0.0  # partitioned like the weights
     sizes = resolved_model_sizes(m)
     s = 2 * m.seq_len if cfg.diffusion.objective == "sad3" and cfg.diffusion.block_size < m.seq_len else m.seq_len
     b, h, layers = cfg.train.micro_batch_size, sizes["hidden_size"], sizes["num_layers"]
