@@ -246,8 +246,8 @@ def resolve_data_files(patterns: list[str]) -> list[Path]:
 
 def validate(cfg: Config, check_files: bool = True) -> None:
     """Reject configurations that cannot train, with one line that names the problem and the fix."""
-    from sad3_megatron.attention.backends import BACKENDS
-    from sad3_megatron.diffusion.schedules import make_schedule
+    from sad3_megatron.attention import BACKENDS
+    from sad3_megatron.diffusion import make_schedule
 
     m, d, t, p = cfg.model, cfg.diffusion, cfg.train, cfg.parallel
     if m.preset not in PRESETS:

@@ -1,5 +1,8 @@
-"""One exception type for mistakes a user can fix; the CLI prints it as one line."""
+"""One exception type for mistakes a user can fix; the CLI prints it as one line.
 
+Defined in the standalone package (`hf/errors.py`) so that the exported HuggingFace model raises the
+same kind of error without importing sad3_megatron."""
 
-class Sad3Error(Exception):
-    """A problem with the user's input: the message names it and says what to do."""
+from sad3_megatron.hf.errors import Sad3Error
+
+__all__ = ["Sad3Error"]

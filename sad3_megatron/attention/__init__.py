@@ -1,7 +1,10 @@
-"""The block-diffusion mask (one function) and the attention kernels that run it."""
+"""The block-diffusion mask (one function) and the attention kernels that run it.
 
-from sad3_megatron.attention.backends import BACKENDS, attend, resolve_backend
-from sad3_megatron.attention.masks import (
+Both live in the standalone package `sad3_megatron.hf` (`masks.py`, `attention.py`), whose files the
+HuggingFace export writes verbatim, so the trainer, the sampler and an exported model share one definition."""
+
+from sad3_megatron.hf.attention import BACKENDS, attend, resolve_backend
+from sad3_megatron.hf.masks import (
     AttentionMask,
     DocumentMask,
     block_diffusion_visible,

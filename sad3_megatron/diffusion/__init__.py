@@ -1,7 +1,10 @@
-"""The math of SAD3-LMs: schedules, the forward process, the NELBO. Pure torch, no parallelism."""
+"""The math of SAD3-LMs: schedules, the forward process, the NELBO. Pure torch, no parallelism.
 
-from sad3_megatron.diffusion.forward import NoisedBatch, mask_blocks, per_token
-from sad3_megatron.diffusion.objective import (
+The modules live in the standalone package `sad3_megatron.hf` (`schedules.py`, `noising.py`,
+`objective.py`) so that an exported HuggingFace model scores text with the very same code."""
+
+from sad3_megatron.hf.noising import NoisedBatch, mask_blocks, per_token
+from sad3_megatron.hf.objective import (
     AutoregressiveObjective,
     BlockDiffusionObjective,
     LossTerms,
@@ -10,7 +13,7 @@ from sad3_megatron.diffusion.objective import (
     loss_terms,
     token_weights,
 )
-from sad3_megatron.diffusion.schedules import SCHEDULES, NoiseSchedule, evaluation_schedule, make_schedule
+from sad3_megatron.hf.schedules import SCHEDULES, NoiseSchedule, evaluation_schedule, make_schedule
 
 __all__ = [
     "SCHEDULES",

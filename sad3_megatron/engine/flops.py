@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sad3_megatron.attention.masks import AttentionMask
+from sad3_megatron.attention import AttentionMask
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {

@@ -28,7 +28,7 @@ from sad3_megatron.attention import AttentionMask, DocumentMask
 from sad3_megatron.diffusion import AutoregressiveObjective, TrainingPass, evaluation_schedule
 from sad3_megatron.evaluation import BoundEstimate
 from sad3_megatron.evaluation.likelihood import rows_and_documents
-from sad3_megatron.model.rotary import RotaryEmbedding
+from sad3_megatron.hf.rotary import RotaryEmbedding
 from sad3_megatron.model.transformer import (
     Embedding,
     OutputHead,

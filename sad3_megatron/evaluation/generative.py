@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sad3_megatron.errors import Sad3Error
-from sad3_megatron.sampling.stopping import unigram_entropy
+from sad3_megatron.sampling import unigram_entropy
 
 
 @dataclass

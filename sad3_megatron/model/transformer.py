@@ -21,11 +21,11 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
-from sad3_megatron.attention import AttentionMask, attend
-from sad3_megatron.model.rotary import RotaryEmbedding, apply_rotary
+from sad3_megatron.hf.attention import attend
+from sad3_megatron.hf.kv_cache import KV
+from sad3_megatron.hf.masks import AttentionMask
+from sad3_megatron.hf.rotary import RotaryEmbedding, apply_rotary
 from sad3_megatron.model.sequence_parallel import first_rows, split_sequence
-
-KV = tuple[torch.Tensor, torch.Tensor]  # rotated keys and values of one layer, [b, heads, s, head_dim]
 
 
 @dataclass(frozen=True)

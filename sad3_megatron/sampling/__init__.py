@@ -1,13 +1,16 @@
 """Sampling from SAD3-LMs (Alg. 2) and the AR baseline: KV cache, context window, within-block
-samplers, stopping rules."""
+samplers, stopping rules.
 
-from sad3_megatron.sampling.context import CachedContext, RecomputeContext, noisy_block_window
-from sad3_megatron.sampling.distributions import draw_categorical, shape_probs
-from sad3_megatron.sampling.generate import GenerationResult, Sample, SamplingConfig, generate
-from sad3_megatron.sampling.kv_cache import KVCache
-from sad3_megatron.sampling.samplers import SAMPLERS, denoise_block, make_sampler
-from sad3_megatron.sampling.stopping import STOP_REASONS, StopCriteria, unigram_entropy
-from sad3_megatron.sampling.window import ContextWindow, context_window
+The modules live in the standalone package `sad3_megatron.hf`, so an exported HuggingFace model samples with
+the very same loop."""
+
+from sad3_megatron.hf.context import CachedContext, RecomputeContext, noisy_block_window
+from sad3_megatron.hf.distributions import draw_categorical, shape_probs
+from sad3_megatron.hf.generate import GenerationResult, Sample, SamplingConfig, generate
+from sad3_megatron.hf.kv_cache import KVCache
+from sad3_megatron.hf.samplers import SAMPLERS, denoise_block, make_sampler
+from sad3_megatron.hf.stopping import STOP_REASONS, StopCriteria, unigram_entropy
+from sad3_megatron.hf.window import ContextWindow, context_window
 
 __all__ = [
     "SAMPLERS",

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from sad3_megatron.attention import AttentionMask
-from sad3_megatron.errors import Sad3Error
-from sad3_megatron.sampling.context import CachedContext, RecomputeContext
-from sad3_megatron.sampling.distributions import draw_categorical, shape_probs
-from sad3_megatron.sampling.kv_cache import KVCache
-from sad3_megatron.sampling.samplers import SAMPLERS, denoise_block, make_sampler
-from sad3_megatron.sampling.stopping import StopCriteria
-from sad3_megatron.sampling.window import ContextWindow, context_window
+from .context import CachedContext, RecomputeContext
+from .distributions import draw_categorical, shape_probs
+from .errors import Sad3Error
+from .kv_cache import KVCache
+from .masks import AttentionMask
+from .samplers import SAMPLERS, denoise_block, make_sampler
+from .stopping import StopCriteria
+from .window import ContextWindow, context_window
 
 # Called with every model output used for sampling: (block start, or the predicted position for
 # AR; logits [rows, L', vocab]). For tests and diagnostics.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sad3_megatron.model import KV
+KV = tuple[torch.Tensor, torch.Tensor]  # rotated keys and values of one layer, [b, heads, s, head_dim]
 
 
 class KVCache:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sad3_megatron.errors import Sad3Error
+from .errors import Sad3Error
 
 _E_MINUS_1 = math.e - 1.0
 

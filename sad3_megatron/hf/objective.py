@@ -15,9 +15,9 @@ from typing import Protocol
 
 import torch
 
-from sad3_megatron.attention.masks import AttentionMask, DocumentMask, document_window_ids, doubled_positions
-from sad3_megatron.diffusion.forward import NoisedBatch, mask_blocks
-from sad3_megatron.diffusion.schedules import NoiseSchedule
+from .masks import AttentionMask, DocumentMask, document_window_ids, doubled_positions
+from .noising import NoisedBatch, mask_blocks
+from .schedules import NoiseSchedule
 
 
 class Denoiser(Protocol):

@@ -21,8 +21,8 @@ from typing import Protocol
 
 import torch
 
-from sad3_megatron.attention import AttentionMask
-from sad3_megatron.sampling.kv_cache import KVCache
+from .kv_cache import KVCache
+from .masks import AttentionMask
 
 
 class BlockContext(Protocol):

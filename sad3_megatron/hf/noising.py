@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sad3_megatron.diffusion.schedules import NoiseSchedule
+from .schedules import NoiseSchedule
 
 
 @dataclass

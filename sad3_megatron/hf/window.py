@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sad3_megatron.errors import Sad3Error
+from .errors import Sad3Error
 
 
 @dataclass(frozen=True)

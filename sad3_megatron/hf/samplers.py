@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sad3_megatron.sampling.distributions import draw_categorical, shape_probs
+from .distributions import draw_categorical, shape_probs
 
 SAMPLERS = ("ancestral", "first_hitting", "confident")
 

@@ -19,8 +19,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from sad3_megatron.attention.masks import AttentionMask, DocumentMask
-from sad3_megatron.errors import Sad3Error
+from .errors import Sad3Error
+from .masks import AttentionMask, DocumentMask
 
 BACKENDS = ("auto", "sdpa", "flex", "flash")
 FLEX_BLOCK_SIZE = 128
