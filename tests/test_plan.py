@@ -45,3 +45,30 @@ def test_recipe_stages_resolve(stage):
     assert (cfg.train.steps, bool(cfg.train.init_from)) == (
         (850_000, False) if stage == "pretrain" else (150_000, True)
     )
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+def test_largest_micro_batch_is_the_boundary_of_the_memory_estimate(checkpointing):
+    """The dry run's "largest micro-batch within 80 GiB" is the last size whose estimate fits."""
+    from dataclasses import replace
+
+    from sad3_megatron.engine.plan import memory_estimate
+
+    cfg = load_config("configs/owt.yaml", ["model.preset=xl", f"train.activation_checkpointing={checkpointing}"])
+    plan = make_plan(cfg, world_size=8, vocab_size=50258, gpu_memory_gib=80.0)
+    for stage, largest in plan.fits.items():
+        assert largest > 0
+        for micro, fits in ((largest, True), (largest + 1, False)):
+            trial = replace(cfg, train=replace(cfg.train, micro_batch_size=micro), parallel=replace(cfg.parallel, zero_stage=stage))
+            total = memory_estimate(trial, plan.parameters, plan.dp, vocab_size=50258)["total"]
+            assert (total <= 80.0) == fits, (stage, micro)
+    assert plan.fits[3] >= plan.fits[1]
+
+
+def test_activation_checkpointing_shrinks_the_activation_estimate():
+    activations = {}
+    for mode in ("none", "selective", "full"):
+        cfg = load_config("configs/owt.yaml", ["model.preset=xl", f"train.activation_checkpointing={mode}"])
+        activations[mode] = make_plan(cfg, 8, 50258).memory_gib["activations"]
+    assert activations["none"] > activations["selective"] > activations["full"] > 0
+    assert activations["selective"] / activations["none"] == pytest.approx(20 / 34)

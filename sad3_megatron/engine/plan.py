@@ -3,7 +3,7 @@ computed without starting any process group (`sad3 train CONFIG --dry-run`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sad3_megatron.config import Config, resolved_model_sizes
 from sad3_megatron.errors import Sad3Error
@@ -25,6 +25,9 @@ class Plan:
     parameters: int
     memory_gib: dict[str, float]
     sequence_parallel: bool = False
+    fits: dict[int, int] | None = None  # ZeRO stage -> largest micro-batch within `gpu_memory_gib`
+    gpu_memory_gib: float = 80.0
+    activation_checkpointing: str = "none"
 
     def lines(self) -> list[str]:
         mem = ", ".join(f"{k} {v:.2f}" for k, v in self.memory_gib.items())
@@ -35,6 +38,16 @@ class Plan:
             f"steps {self.steps:,}; tokens {self.tokens:,} ({self.tokens / 1e9:.2f}B)",
             f"parameters {self.parameters:,} ({self.parameters / 1e6:.1f}M)",
             f"memory per GPU, estimated (GiB): {mem}",
+            *self.fit_lines(),
+        ]
+
+    def fit_lines(self) -> list[str]:
+        if not self.fits:
+            return []
+        fits = ", ".join(f"ZeRO-{z} {n if n else 'none (the states alone do not fit)'}" for z, n in self.fits.items())
+        return [
+            f"largest micro-batch within {self.gpu_memory_gib:g} GiB per GPU "
+            f"(activation checkpointing {self.activation_checkpointing}): {fits}"
         ]
 
 
@@ -60,7 +73,7 @@ def parameter_count(cfg: Config, vocab_size: int) -> int:
     return n * per_layer + 2 * padded * h + 2 * h  # + embedding, output layer, final LayerNorm
 
 
-def make_plan(cfg: Config, world_size: int, vocab_size: int) -> Plan:
+def make_plan(cfg: Config, world_size: int, vocab_size: int, gpu_memory_gib: float = 80.0) -> Plan:
     p, t, m = cfg.parallel, cfg.train, cfg.model
     if world_size % (p.tensor_parallel * p.pipeline_parallel):
         raise Sad3Error(
@@ -70,16 +83,38 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int) -> Plan:
     accum = gradient_accumulation(cfg, dp)
     global_batch = t.micro_batch_size * accum * dp
     params = parameter_count(cfg, vocab_size)
+    fits = {z: largest_micro_batch(cfg, params, dp, z, gpu_memory_gib, vocab_size) for z in (1, 3)}
     return Plan(
         world_size, p.tensor_parallel, p.pipeline_parallel, dp, t.micro_batch_size, accum, global_batch,
-        t.steps, t.steps * global_batch * m.seq_len, params, memory_estimate(cfg, params, dp, accum),
-        p.sequence_parallel,
+        t.steps, t.steps * global_batch * m.seq_len, params, memory_estimate(cfg, params, dp, accum, vocab_size),
+        p.sequence_parallel, fits, gpu_memory_gib, t.activation_checkpointing,
     )  # fmt: skip
 
 
-def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1) -> dict[str, float]:
+def largest_micro_batch(
+    cfg: Config, params: int, dp: int, zero_stage: int, budget_gib: float, vocab_size: int = 0
+) -> int:
+    """The largest micro-batch whose estimated memory fits `budget_gib` per GPU under `zero_stage`
+    (0 when even the weights and optimizer states do not fit)."""
+    trial = replace(cfg, train=replace(cfg.train), parallel=replace(cfg.parallel, zero_stage=zero_stage))
+
+    def fits(micro: int) -> bool:
+        trial.train.micro_batch_size = micro
+        return memory_estimate(trial, params, dp, vocab_size=vocab_size)["total"] <= budget_gib
+
+    low, high = 0, 1
+    while high <= 1 << 16 and fits(high):
+        low, high = high, 2 * high
+    while high - low > 1:  # fits(low) and not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1, vocab_size: int = 0) -> dict[str, float]:
     """Bytes per GPU: fp32 weights, gradients and Adam moments (ZeRO shards them over DP from stage
-    3, 2 and 1 on), the fp32 EMA, and activations of one micro-batch of the doubled sequence."""
+    3, 2 and 1 on), the fp32 EMA, activations of one micro-batch of the doubled sequence, and the
+    output layer's fp32 logits with the cross-entropy's saved softmax (on the last pipeline stage)."""
     p, m = cfg.parallel, cfg.model
     model_parallel = p.tensor_parallel * p.pipeline_parallel
     local = params / model_parallel
@@ -95,15 +130,25 @@ def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1) -> d
     # Per layer, bytes kept for backward in 16-bit (Korthikanti et al., 2022, with a fused attention
     # kernel: no s² term): 34·sbh, of which 24·sbh is split by TP. Sequence parallelism splits the rest.
     t = p.tensor_parallel
-    per_layer = s * b * h * (34 / t if p.sequence_parallel else 10 + 24 / t) * (1 if half_precision else 2)
+    # Selective checkpointing keeps the matmul and attention outputs (qkv 6, attention 2, fc1 8: split by TP)
+    # and the layer input and mid-layer residual (2 + 2: split only by SP), 20·sbh instead of 34·sbh.
+    # Full checkpointing keeps each layer's input, plus one layer's whole working set while it recomputes.
+    replicated, split = {"none": (10, 24), "selective": (4, 16), "full": (2, 0)}[cfg.train.activation_checkpointing]
+    bytes_per_sbh = (replicated + split) / t if p.sequence_parallel else replicated + split / t
+    per_layer = s * b * h * bytes_per_sbh * (1 if half_precision else 2)
+    recompute = s * b * h * (34 / t if p.sequence_parallel else 10 + 24 / t) if cfg.train.activation_checkpointing == "full" else 0.0
     # 1F1B keeps up to PP micro-batches in flight on the first stage, each over layers/PP layers.
     in_flight = min(p.pipeline_parallel, grad_accum) if p.pipeline_parallel > 1 else 1
-    activations = per_layer * layers / p.pipeline_parallel * in_flight
+    activations = per_layer * layers / p.pipeline_parallel * in_flight + recompute * (1 if half_precision else 2)
+    outputs = m.seq_len - 1 if cfg.diffusion.objective == "ar" else m.seq_len
+    padded_vocab = -(-vocab_size // 128) * 128
+    logits = b * outputs * padded_vocab / t * (4 + 4)  # fp32 logits, and the softmax the loss keeps
     return {
         "weights": weights / GIB,
         "grads": grads / GIB,
         "adam": adam / GIB,
         "ema": ema / GIB,
         "activations": activations / GIB,
-        "total": (weights + grads + adam + ema + activations) / GIB,
+        "logits": logits / GIB,
+        "total": (weights + grads + adam + ema + activations + logits) / GIB,
     }
