@@ -49,3 +49,29 @@ def test_console_entry_point_exits_nonzero_without_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("sad3: error: diffusion.block_size=7 does not divide")
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["eval", "/no/such/run", "--split", "val", "--draws", "0"], "--draws must be at least 1"),
+        (["eval", "/no/such/run", "--split", "val", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["eval", "/no/such/run", "--data", DEMO, "--zero-shot-path", "/x"], "--zero-shot-path needs --zero-shot"),
+        (["eval", "/no/such/run", "--zero-shot", "klingon"], "unknown zero-shot set 'klingon'"),
+        (["eval", "/no/such/run"], "one of the arguments --data --split --zero-shot is required"),
+        (["sample", "/no/such/run", "--num-tokens", "0"], "--num-tokens must be at least 1"),
+        (["sample", "/no/such/run", "--steps", "0"], "--steps must be at least 1"),
+        (["sample", "/no/such/run", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["sample", "/no/such/run", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["sample", "/no/such/run", "--temperature", "0"], "--temperature must be positive"),
+        (["sample", "/no/such/run", "--threshold", "1.5"], "--threshold must be in (0, 1]"),
+        (["sample", "/no/such/run", "--sampler", "psychic"], "unknown sampler 'psychic'"),
+        (["sample", "/no/such/run", "--entropy-window", "0"], "entropy"),
+        (["sample", "/no/such/run"], "no checkpoint at '/no/such/run'"),
+    ],
+)
+def test_bad_eval_and_sample_flags_are_one_clear_line(argv, needle, capsys):
+    """Flag checks run before any checkpoint is loaded."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("sad3: error:") and needle in err, err

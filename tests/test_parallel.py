@@ -49,9 +49,19 @@ def run_train(out: Path, overrides: list[str], nproc: int = 1, timeout: int = 60
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r[key] for r in records if "loss" in r}
+
+
+def assert_same_steps(reference: Path, parallel: Path, name: str) -> None:
+    """Losses and pre-clipping gradient norms step by step: AdamW is nearly blind to a wrong gradient
+    scale (e.g. a missing 1/DP), the norm is not."""
+    for key in ("loss", "grad_norm"):
+        ours, theirs = losses(parallel, key), losses(reference, key)
+        assert sorted(ours) == sorted(theirs) == [1, 2, 3], (name, key)
+        for step, value in theirs.items():
+            assert ours[step] == pytest.approx(value, rel=1e-5, abs=1e-5), (name, key, step)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +70,33 @@ def single_process(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single")
     run_train(out, ["train.steps=3", "train.grad_accum_steps=2", "train.ema_decay=0"])
     return out
+
+
+@pytest.fixture(scope="module")
+def single_process_dropout(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single-dropout")
+    run_train(out, ["train.steps=3", "train.grad_accum_steps=2", "train.ema_decay=0", "model.dropout=0.2"])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("dp2-zero2", ["parallel.zero_stage=2"]),
+        ("tp2", ["parallel.tensor_parallel=2", "train.grad_accum_steps=2"]),
+    ],
+)
+def test_dropout_masks_follow_the_micro_batch_slot_in_every_layout(
+    name, overrides, single_process, single_process_dropout, tmp_path
+):
+    """Dropout is seeded by step_seed(seed, step, slot): a DP rank draws its slot's masks, TP ranks
+    draw the same full-size masks as one process (dropout acts on replicated activations). Sequence
+    parallelism is the exception: each rank drops on its own slice of the sequence with that seed,
+    so its masks, and hence its numbers, differ from one process when dropout > 0."""
+    run_train(tmp_path, ["train.steps=3", "train.ema_decay=0", "model.dropout=0.2", *overrides], nproc=2)
+    assert_same_steps(single_process_dropout, tmp_path, name)
+    assert losses(single_process_dropout)[1] != pytest.approx(losses(single_process)[1])  # dropout is on
 
 
 @pytest.mark.slow
@@ -76,10 +113,7 @@ def single_process(tmp_path_factory) -> Path:
 )
 def test_two_process_layouts_match_single_process(name, overrides, single_process, tmp_path):
     run_train(tmp_path, ["train.steps=3", "train.ema_decay=0", *overrides], nproc=2)
-    reference, parallel = losses(single_process), losses(tmp_path)
-    assert sorted(parallel) == sorted(reference) == [1, 2, 3]
-    for step, loss in reference.items():
-        assert parallel[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), (name, step)
+    assert_same_steps(single_process, tmp_path, name)
     # The consolidated weights (TP shards gathered, pipeline stages merged) are the single-process ones.
     ours = load_file(str(tmp_path / "checkpoints" / "step_0000003" / "model.safetensors"))
     single = load_file(str(single_process / "checkpoints" / "step_0000003" / "model.safetensors"))
@@ -170,6 +204,8 @@ def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(tmp_p
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training ended before the kill"
+    assert not (victim / "checkpoints" / "step_0000008").exists() and max(losses(victim)) < 8
     run_train(victim, common)  # resume=auto picks the newest complete checkpoint
     straight, resumed = losses(tmp_path / "straight"), losses(victim)
     assert sorted(resumed) == list(range(1, 9))

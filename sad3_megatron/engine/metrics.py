@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,14 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        record = strict_record(record)
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
         self.file.flush()
-        shown = {k: record[k] for k in ("loss", "val_nelbo", "lr", "tokens_per_s") if k in record}
+        shown = {k: record[k] for k in ("loss", "val_nelbo", "lr", "tokens_per_s") if record.get(k) is not None}
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
-        if "val_nelbo" in record:
+        if record.get("val_nelbo") is not None:
             self.bar.write(
                 f"step {record['step']}: held-out NELBO {record['val_nelbo']:.4f}/token (PPL <= {record['val_ppl']:.2f})"
             )
@@ -69,6 +71,15 @@ class MetricsLog:
             self.wandb.finish()
         if self.file:
             self.file.close()
+
+
+def strict_record(record: dict[str, Any]) -> dict[str, Any]:
+    """metrics.jsonl stays strict JSON: a NaN or infinite float becomes null, and its key is listed
+    under "nonfinite" (so a NaN loss reads as `"loss": null, "nonfinite": ["loss"]`)."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
 
 
 def _start_wandb(mode: str, run_dir: Path, config: Config | None):

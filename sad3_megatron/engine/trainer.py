@@ -7,8 +7,11 @@ exactly without saving any RNG or sampler state.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import resource
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,26 +24,34 @@ from megatron.core import parallel_state
 
 from sad3_megatron.config import Config, save_config
 from sad3_megatron.data import batch_rows, load_corpus
+from sad3_megatron.diffusion import NoiseSchedule
 from sad3_megatron.engine.build import build_components
 from sad3_megatron.engine.checkpoint import (
     latest_checkpoint,
     load_ema,
     load_training_state,
     read_checkpoint,
+    require_intact,
+    resume_checkpoint,
     save_checkpoint,
+    step_name,
 )
 from sad3_megatron.engine.consolidate import gather_tensor_parallel, model_tensors, shard_tensor_parallel
 from sad3_megatron.engine.distributed import data_parallel_info, rank
 from sad3_megatron.engine.ema import EMA
 from sad3_megatron.engine.flops import peak_tflops, training_flops_per_sequence
+from sad3_megatron.engine.guard import GuardedAdamW, StepGuard, injected_fault
 from sad3_megatron.engine.lr_schedule import lr_multiplier
 from sad3_megatron.engine.metrics import MetricsLog
 from sad3_megatron.engine.mpu import MegatronMPU
 from sad3_megatron.engine.pipeline import build_pipeline, pipeline_batch, pipeline_bound, to_canonical, to_local
 from sad3_megatron.engine.plan import gradient_accumulation, parameter_count
+from sad3_megatron.engine.preemption import clear_marker, stop_on_signals, write_marker
 from sad3_megatron.errors import Sad3Error
 from sad3_megatron.evaluation import estimate_bound
 from sad3_megatron.model import build_model, model_parallel_config, prepare_sequence_parallel
+from sad3_megatron.model.activation_checkpointing import apply_activation_checkpointing
+from sad3_megatron.model.compile import compile_layers
 from sad3_megatron.model.fp8 import enable_fp8, require_fp8
 
 
@@ -102,7 +113,7 @@ def deepspeed_config(cfg: Config, amp: torch.dtype | None) -> dict:
     return config
 
 
-def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, cfg: Config, guard: StepGuard) -> torch.optim.Optimizer:
     t = cfg.train
 
     def matrix(p: torch.nn.Parameter) -> bool:  # ZeRO-3 partitioned parameters keep their shape in ds_shape
@@ -111,7 +122,7 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if matrix(p)]
     no_decay = [p for p in model.parameters() if not matrix(p)]  # norms and biases
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), foreach=True)
+    return GuardedAdamW(groups, guard, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), foreach=True)
 
 
 def _grad_norm(engine) -> float | None:
@@ -134,9 +145,9 @@ def _grad_norm(engine) -> float | None:
 
 
 def _resume_point(resume: str, ckpt_root: Path, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: the newest in the run (auto), none, or an explicit one."""
+    """The checkpoint to resume from: the newest intact one in the run (auto), none, or an explicit one."""
     if resume == "auto":
-        return latest_checkpoint(ckpt_root)
+        return resume_checkpoint(ckpt_root)
     if resume == "none":
         if latest_checkpoint(ckpt_root) is not None:
             raise Sad3Error(
@@ -148,6 +159,7 @@ def _resume_point(resume: str, ckpt_root: Path, run_dir: Path) -> Path | None:
         raise Sad3Error(
             f"train.resume={resume!r} is not a checkpoint directory: use auto, none, or a checkpoints/step_* path"
         )
+    require_intact(path)
     return path
 
 
@@ -192,112 +204,253 @@ class TrainResult:
     steps: int
     final_loss: float | None
     val: dict | None
+    stopped_early: bool = False  # a stop signal ended the run before train.steps (a checkpoint holds it)
 
 
-def train(cfg: Config) -> TrainResult:
-    run_dir = Path(cfg.run.out_dir)
-    t, seq_len = cfg.train, cfg.model.seq_len
-    pipelined = cfg.parallel.pipeline_parallel > 1
-    parts = build_components(cfg, with_model=False)
-    device, objective, spec = parts.device, parts.objective, parts.spec
-    pipeline_layers = spec.num_layers if pipelined else None
-    dp_rank, dp_size = data_parallel_info()
-    is_main = rank() == 0
-    t.grad_accum_steps = gradient_accumulation(cfg, dp_size)  # from train.global_batch_size when set
-    amp = autocast_dtype(t.precision, device)
-    ds_config = deepspeed_config(cfg, amp)
-    zero3 = cfg.parallel.zero_stage == 3
-    mpu = MegatronMPU() if cfg.parallel.tensor_parallel > 1 and not pipelined else None
-    sequence_parallel = cfg.parallel.sequence_parallel
-    if pipelined:
-        model = build_pipeline(spec, model_parallel_config(sequence_parallel), objective, cfg.run.seed).to(device)
-        if sequence_parallel:
-            prepare_sequence_parallel(model)
-    else:
-        # Under ZeRO-3 each layer's weights are partitioned as soon as it is built: no rank ever
-        # holds the whole model, which is what lets the largest presets start at all.
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu, mem_efficient_linear=False, enabled=zero3):
-            model = build_model(spec, device, sequence_parallel)
-    if t.fp8:
-        require_fp8(device)
-        enable_fp8(model)
-    corpus = load_corpus(cfg.data, parts.tokenizer, seq_len)  # prepares token shards on first use
+@dataclass
+class StepOutcome:
+    loss: torch.Tensor  # summed over this rank's micro-batches
+    grad_norm: float | None
+    skipped: bool
 
-    optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, t.warmup_steps, t.steps, t.lr_schedule, t.min_lr / t.lr)
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=ds_config,
-        mpu=mpu,
-        dist_init_required=False,
-    )
-    ckpt_root = run_dir / "checkpoints"
-    resume_from = _resume_point(t.resume, ckpt_root, run_dir)
-    if t.init_from and resume_from is None:
-        _load_weights(engine.module, t.init_from, zero3, pipeline_layers)
-    ema = EMA(engine.module, t.ema_decay) if t.ema_decay > 0 else None
 
-    start_step, tokens_seen = 0, 0
-    if resume_from is not None:
-        state = load_training_state(engine, resume_from)
-        start_step, tokens_seen = state["step"], state["tokens"]
-        if ema is not None:
-            ema.load_state_dict(
-                local_weights(load_ema(resume_from), engine.module, pipeline_layers),
-                engine.module,
-                state["ema_updates"],
-            )
+def schedule_state(schedule: NoiseSchedule | None) -> dict | None:
+    """The training noise schedule as checkpoint client state (a search may have changed it)."""
+    return None if schedule is None else dataclasses.asdict(schedule)  # name, t_min (β), t_max (ω), ...
 
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "data_stats.json").write_text(json.dumps(vars(corpus.stats), indent=1))
-        n_params = parameter_count(cfg, parts.tokenizer.vocab_size)  # the whole model, whatever the layout
-        resumed = f", resuming from {resume_from.name}" if resume_from else ""
+
+class Trainer:
+    """Alg. 1 through a DeepSpeed engine, in the pieces the algorithm has: set up (`__init__`), one
+    optimizer step (`train_step`), logging, evaluation (and its `on_evaluate` hook), checkpoints.
+
+    State that changes during training and must survive a resume lives here and in
+    `client_state`: step, tokens, EMA, skipped-step counters and the noise schedule (β, ω)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, t = cfg, cfg.train
+        self.run_dir = Path(cfg.run.out_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.pipelined = cfg.parallel.pipeline_parallel > 1
+        parts = build_components(cfg, with_model=False)
+        self.device, self.objective, self.spec = parts.device, parts.objective, parts.spec
+        self.schedule: NoiseSchedule | None = getattr(self.objective, "schedule", None)  # AR: none
+        self.pipeline_layers = self.spec.num_layers if self.pipelined else None
+        self.dp_rank, self.dp_size = data_parallel_info()
+        self.is_main = rank() == 0
+        t.grad_accum_steps = gradient_accumulation(cfg, self.dp_size)  # from train.global_batch_size when set
+        self.amp = autocast_dtype(t.precision, self.device)
+        self.zero3 = cfg.parallel.zero_stage == 3
+        # ZeRO-1/2/3 check the gradient norm themselves; under ZeRO-0 the guard does (engine/guard.py).
+        self.guard = StepGuard(self.device, check_grads=cfg.parallel.zero_stage == 0, enabled=t.nonfinite_guard)
+        self.engine, self.scheduler = self._build_engine(parts.tokenizer)
+        self.start_step, self.tokens_seen = 0, 0
+        self.skipped_steps, self.consecutive_skips = 0, 0
+        self.resume_from = _resume_point(t.resume, self.ckpt_root, self.run_dir)
+        if t.init_from and self.resume_from is None:
+            _load_weights(self.engine.module, t.init_from, self.zero3, self.pipeline_layers)
+        self.ema = EMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        self.global_batch = t.micro_batch_size * t.grad_accum_steps * self.dp_size
+        self._announce(parts.tokenizer)
+
+    def _build_engine(self, tokenizer):
+        cfg, t, spec = self.cfg, self.cfg.train, self.spec
+        ds_config = deepspeed_config(cfg, self.amp)
+        mpu = MegatronMPU() if cfg.parallel.tensor_parallel > 1 and not self.pipelined else None
+        sequence_parallel = cfg.parallel.sequence_parallel
+        if self.pipelined:
+            model = build_pipeline(spec, model_parallel_config(sequence_parallel), self.objective, cfg.run.seed)
+            model = model.to(self.device)
+            if sequence_parallel:
+                prepare_sequence_parallel(model)
+        else:
+            # Under ZeRO-3 each layer's weights are partitioned as soon as it is built: no rank ever
+            # holds the whole model, which is what lets the largest presets start at all.
+            with deepspeed.zero.Init(
+                config_dict_or_path=ds_config, mpu=mpu, mem_efficient_linear=False, enabled=self.zero3
+            ):
+                model = build_model(spec, self.device, sequence_parallel)
+        if t.fp8:
+            require_fp8(self.device)
+            enable_fp8(model)
+        apply_activation_checkpointing(model, t.activation_checkpointing)  # from outside the model, like fp8
+        if t.compile:
+            compile_layers(model)
+        self.corpus = load_corpus(cfg.data, tokenizer, cfg.model.seq_len)  # prepares token shards on first use
+        optimizer = _optimizer(model, cfg, self.guard)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_multiplier(s, t.warmup_steps, t.steps, t.lr_schedule, t.min_lr / t.lr)
+        )
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu,
+            dist_init_required=False,
+        )  # fmt: skip
+        self.guard.outer = engine.optimizer
+        return engine, scheduler
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_training_state(self.engine, checkpoint)
+        self.start_step, self.tokens_seen = state["step"], state["tokens"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.consecutive_skips = state.get("consecutive_skips", 0)
+        if state.get("schedule") is not None:
+            self.schedule = NoiseSchedule(**state["schedule"])
+        if self.ema is not None:
+            shadow = local_weights(load_ema(checkpoint), self.engine.module, self.pipeline_layers)
+            self.ema.load_state_dict(shadow, self.engine.module, state["ema_updates"])
+
+    def _announce(self, tokenizer) -> None:
+        if not self.is_main:
+            return
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        clear_marker(self.run_dir)
+        (self.run_dir / "data_stats.json").write_text(json.dumps(vars(self.corpus.stats), indent=1))
+        n_params = parameter_count(cfg, tokenizer.vocab_size)  # the whole model, whatever the layout
+        resumed = f", resuming from {self.resume_from.name}" if self.resume_from else ""
         print(
-            f"sad3 train: {cfg.model.preset} model, {n_params / 1e6:.2f}M parameters, L={seq_len}, "
-            f"objective={cfg.diffusion.objective}, L'={cfg.diffusion.block_size}, {len(corpus.train)} train / "
-            f"{len(corpus.val)} val sequences, device={device.type}, dp={dp_size}{resumed}",
+            f"sad3 train: {cfg.model.preset} model, {n_params / 1e6:.2f}M parameters, L={cfg.model.seq_len}, "
+            f"objective={cfg.diffusion.objective}, L'={cfg.diffusion.block_size}, {len(self.corpus.train)} train / "
+            f"{len(self.corpus.val)} val sequences, device={self.device.type}, dp={self.dp_size}{resumed}",
             flush=True,
         )
 
-    log = MetricsLog(run_dir / "metrics.jsonl", t.steps, start_step, is_main, t.progress_bar, t.wandb, cfg)
-    global_batch = t.micro_batch_size * t.grad_accum_steps * dp_size
-    step_flops = global_batch * training_flops_per_sequence(
-        spec.num_layers, spec.hidden_size, spec.ffn_hidden_size, spec.padded_vocab_size, seq_len,
-        cfg.diffusion.block_size, cfg.diffusion.objective,
-    )  # fmt: skip
-    peak = peak_tflops(device, t.peak_tflops)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    window_steps = 0
-    started = time.perf_counter()
-    window_start, window_tokens = started, 0
-    loss_value, val = None, None
+    # ---- one optimizer step ----------------------------------------------------------------------
 
-    def evaluate() -> dict:
-        with ema.applied(engine.module) if ema is not None else nullcontext():
-            bound = (pipeline_bound if pipelined else estimate_bound)(
-                engine if pipelined else engine.module,
-                objective,
-                corpus.val,
-                device,
+    def train_step(self, step: int, logging_step: bool) -> StepOutcome:
+        """Forward, backward and (unless the guard skips it on every rank) the optimizer step of
+        step `step` (0-based); its micro-batches and noise depend on (seed, step, slot) only."""
+        done = step + 1
+        if injected_fault("sigterm", done):
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.guard.reset()
+        skipped_before = self.engine.skipped_steps
+        poison = float("nan") if injected_fault("nan_loss", done) else 1.0
+        if self.pipelined:
+            loss_sum, grad_norm = self._pipeline_step(step, poison), None
+        else:
+            loss_sum, grad_norm = self._accumulated_step(step, poison, logging_step)
+        skipped = self.engine.skipped_steps > skipped_before
+        if not skipped:
+            if self.ema is not None:
+                self.ema.update(self.engine.module)
+            self.tokens_seen += self.global_batch * self.cfg.model.seq_len
+        return StepOutcome(loss_sum, grad_norm, skipped)
+
+    def _pipeline_step(self, step: int, poison: float) -> torch.Tensor:
+        """DeepSpeed's engine runs the micro-batches through the stages and steps."""
+        t = self.cfg.train
+        batches = []
+        for micro in range(t.grad_accum_steps):
+            x, document_ids, generator = _micro_batch(
+                self.corpus, self.cfg, step, micro * self.dp_size + self.dp_rank, self.device
+            )
+            batch = self.objective.training_pass(x, generator, self.schedule)
+            batch.weights = batch.weights * poison
+            batches.append(pipeline_batch(self.objective, batch, document_ids))
+        # train_batch returns the mean over micro-batches and ranks
+        return self.engine.train_batch(iter(batches)).detach() * t.grad_accum_steps
+
+    def _accumulated_step(self, step: int, poison: float, logging_step: bool) -> tuple[torch.Tensor, float | None]:
+        t, engine = self.cfg.train, self.engine
+        loss_sum = torch.zeros((), device=self.device)
+        grad_norm = None
+        for micro in range(t.grad_accum_steps):
+            slot = micro * self.dp_size + self.dp_rank
+            torch.manual_seed(step_seed(self.cfg.run.seed, step, slot))  # dropout
+            x, document_ids, generator = _micro_batch(self.corpus, self.cfg, step, slot, self.device)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                terms = self.objective(engine, x, generator, schedule=self.schedule, document_ids=document_ids)
+            loss = terms.loss * poison
+            engine.backward(loss)
+            loss_sum += loss.detach()
+            if micro == t.grad_accum_steps - 1:
+                self.guard.loss_flag = (~torch.isfinite(loss_sum)).float()  # no host sync: read in the step
+                if logging_step:
+                    grad_norm = _grad_norm(engine)
+            engine.step()
+        return loss_sum, grad_norm
+
+    def _count_skip(self, skipped: bool) -> None:
+        self.skipped_steps += skipped
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+
+    def _check_skip_limit(self, done: int) -> None:
+        """Consecutive skipped steps end the run: the weights are fine, but training is not progressing."""
+        limit = self.cfg.train.max_skipped_steps
+        if self.consecutive_skips >= limit:
+            last = latest_checkpoint(self.ckpt_root)
+            raise Sad3Error(
+                f"step {done}: {limit} consecutive optimizer steps had a non-finite loss or gradient norm and were "
+                f"skipped (train.max_skipped_steps={limit}): lower train.lr or set train.grad_clip; "
+                f"the last checkpoint is {str(last) if last else 'none'}"
+            )
+
+    # ---- logging, evaluation, checkpoints --------------------------------------------------------
+
+    def log_step(self, done: int, outcome: StepOutcome, window: dict) -> float:
+        """One metrics.jsonl record: loss averaged over the global batch, LR, grad norm, throughput."""
+        t, engine = self.cfg.train, self.engine
+        loss = outcome.loss / t.grad_accum_steps
+        if self.dp_size > 1 and not self.pipelined:
+            dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+            loss /= self.dp_size
+        now = time.perf_counter()
+        elapsed_window = now - window["start"]
+        tflops = self.step_flops * window["steps"] / elapsed_window / self.world / 1e12  # per device
+        grad_norm = outcome.grad_norm
+        if grad_norm is None and not outcome.skipped:
+            grad_norm = _optional_float(engine.get_global_grad_norm())
+        loss_value = loss.item()
+        self.log.log(
+            {
+                "step": done,
+                "loss": loss_value,
+                "lr": self.scheduler.get_last_lr()[0],
+                "tflops_per_device": tflops,
+                "mfu": tflops / self.peak if self.peak else None,
+                "grad_norm": grad_norm,
+                "skipped": outcome.skipped,
+                "skipped_steps": self.skipped_steps,
+                "tokens": self.tokens_seen,
+                "tokens_per_s": window["tokens"] / elapsed_window,
+                "elapsed": now - self.started,
+                "max_rss_gib": _peak_memory_per_rank(),
+                "max_gpu_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30
+                if self.device.type == "cuda"
+                else None,
+            }
+        )
+        window.update(start=now, tokens=0, steps=0)
+        return loss_value
+
+    def evaluate(self) -> dict:
+        """The held-out bound (EMA weights when kept) under t ~ U[0, 1], whatever the training schedule."""
+        t, engine = self.cfg.train, self.engine
+        with self.ema.applied(engine.module) if self.ema is not None else nullcontext():
+            bound = (pipeline_bound if self.pipelined else estimate_bound)(
+                engine if self.pipelined else engine.module,
+                self.objective,
+                self.corpus.val,
+                self.device,
                 batch_size=t.micro_batch_size,
                 draws=1,
-                seed=cfg.run.seed,
-                autocast_dtype=amp,
+                seed=self.cfg.run.seed,
+                autocast_dtype=self.amp,
                 max_sequences=t.eval_batches * t.micro_batch_size,
             )
         return bound.to_dict()
 
-    def consolidated_weights() -> tuple[dict, dict | None]:
-        """Model and EMA weights in the TP = 1 layout (collective over TP; ZeRO-3 gathers first)."""
-        module = engine.module
+    def on_evaluate(self, step: int, val: dict) -> None:
+        """Called after each evaluation; a noise-schedule search may replace `self.schedule` here
+        (it is saved with every checkpoint and restored on resume). Default: keep the schedule."""
 
-        if zero3:  # one parameter at a time: never the whole model gathered on a rank
+    def consolidated_weights(self) -> tuple[dict, dict | None]:
+        """Model and EMA weights in the TP = 1 layout (collective over TP; ZeRO-3 gathers first)."""
+        module, ema = self.engine.module, self.ema
+        if self.zero3:  # one parameter at a time: never the whole model gathered on a rank
             weights = {}
             for name, p in module.named_parameters():
                 with deepspeed.zero.GatheredParameters([p]):
@@ -309,95 +462,102 @@ def train(cfg: Config) -> TrainResult:
             ema_weights = {}
             for name, p in module.named_parameters():
                 ema_weights.update(gather_tensor_parallel({name: ema.whole(name, p)}, module))
-        if pipelined:
-            weights = to_canonical(weights, spec.num_layers)
-            ema_weights = to_canonical(ema_weights, spec.num_layers) if ema else None
+        if self.pipelined:
+            weights = to_canonical(weights, self.spec.num_layers)
+            ema_weights = to_canonical(ema_weights, self.spec.num_layers) if ema else None
         return weights, ema_weights
 
-    def checkpoint(step: int) -> None:
+    def client_state(self, step: int) -> dict:
+        return {
+            "step": step,
+            "tokens": self.tokens_seen,
+            "ema_updates": self.ema.updates if self.ema else 0,
+            "schedule": schedule_state(self.schedule),
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+        }
+
+    def checkpoint(self, step: int) -> None:
+        """Every rank holds the consolidated weights, so all refuse alike if any is not finite."""
+        weights, ema_weights = self.consolidated_weights()
+        for name, tensors in (("model", weights), ("EMA", ema_weights or {})):
+            if not all(torch.isfinite(v).all() for v in tensors.values()):
+                last = latest_checkpoint(self.ckpt_root)
+                raise Sad3Error(
+                    f"step {step}: the {name} weights are not finite, so no checkpoint was written; "
+                    f"the last checkpoint is {str(last) if last else 'none'}"
+                )
         save_checkpoint(
-            engine,
-            ckpt_root,
-            step,
-            {"step": step, "tokens": tokens_seen, "ema_updates": ema.updates if ema else 0},
-            cfg,
-            *consolidated_weights(),
-            t.keep_last,
+            self.engine, self.ckpt_root, step, self.client_state(step), self.cfg, weights, ema_weights,
+            self.cfg.train.keep_last,
+        )  # fmt: skip
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, t, spec = self.cfg, self.cfg.train, self.spec
+        self.log = MetricsLog(
+            self.run_dir / "metrics.jsonl", t.steps, self.start_step, self.is_main, t.progress_bar, t.wandb, cfg
+        )
+        self.step_flops = self.global_batch * training_flops_per_sequence(
+            spec.num_layers, spec.hidden_size, spec.ffn_hidden_size, spec.padded_vocab_size, cfg.model.seq_len,
+            cfg.diffusion.block_size, cfg.diffusion.objective,
+        )  # fmt: skip
+        self.peak = peak_tflops(self.device, t.peak_tflops)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.started = time.perf_counter()
+        window = {"start": self.started, "tokens": 0, "steps": 0}
+        loss_value, val, stopped = None, None, False
+        self.engine.train()
+        with stop_on_signals(self.guard):
+            try:
+                for step in range(self.start_step, t.steps):
+                    done = step + 1
+                    logging_step = done % t.log_interval == 0 or done == t.steps
+                    outcome = self.train_step(step, logging_step)
+                    window["tokens"] += self.global_batch * cfg.model.seq_len
+                    window["steps"] += 1
+                    self.log.step()
+                    stopped = self.guard.stop and done < t.steps
+                    self._count_skip(outcome.skipped)
+                    if logging_step or outcome.skipped or stopped:
+                        loss_value = self.log_step(done, outcome, window)
+                    self._check_skip_limit(done)
+                    if done % t.eval_interval == 0 or done == t.steps:
+                        val = self.evaluate()
+                        self._log_eval(done, val)
+                        self.on_evaluate(done, val)
+                    if done % t.save_interval == 0 or done == t.steps or stopped:
+                        self.checkpoint(done)
+                    if stopped:
+                        self._stopped(done)
+                        break
+            finally:
+                self.log.close()
+        if val is None and not stopped and self.start_step >= t.steps:
+            val = self.evaluate()
+        return TrainResult(self.run_dir, t.steps, loss_value, None if stopped else val, stopped)
+
+    def _log_eval(self, done: int, val: dict) -> None:
+        self.log.log(
+            {
+                "step": done,
+                "val_nelbo": val["nelbo_per_token"],
+                "val_ppl": val["ppl"],
+                "elapsed": time.perf_counter() - self.started,
+            }
         )
 
-    engine.train()
-    for step in range(start_step, t.steps):
-        loss_sum = torch.zeros((), device=device)
-        logging_step = (step + 1) % t.log_interval == 0 or step + 1 == t.steps
-        grad_norm = None
-        if pipelined:  # DeepSpeed's engine runs the micro-batches through the stages and steps
-            batches = [
-                pipeline_batch(objective, objective.training_pass(x, generator), document_ids)
-                for x, document_ids, generator in (
-                    _micro_batch(corpus, cfg, step, micro * dp_size + dp_rank, device)
-                    for micro in range(t.grad_accum_steps)
-                )
-            ]
-            loss_sum += engine.train_batch(iter(batches)).detach()
-            loss_sum *= t.grad_accum_steps  # train_batch returns the mean over micro-batches and ranks
-        for micro in range(0 if pipelined else t.grad_accum_steps):
-            slot = micro * dp_size + dp_rank
-            torch.manual_seed(step_seed(cfg.run.seed, step, slot))  # dropout
-            x, document_ids, generator = _micro_batch(corpus, cfg, step, slot, device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                terms = objective(engine, x, generator, document_ids=document_ids)
-            engine.backward(terms.loss)
-            if micro == t.grad_accum_steps - 1 and logging_step:
-                grad_norm = _grad_norm(engine)
-            engine.step()
-            loss_sum += terms.loss.detach()
-        if ema is not None:
-            ema.update(engine.module)
-        tokens_seen += global_batch * seq_len
-        window_tokens += global_batch * seq_len
-        window_steps += 1
-        done = step + 1
-        log.step()
+    def _stopped(self, done: int) -> None:
+        if self.is_main:
+            write_marker(self.run_dir, done)
+            print(
+                f"sad3 train: stopped by a signal at step {done} of {self.cfg.train.steps}; checkpoint "
+                f"{self.ckpt_root / step_name(done)}; run the same command again to resume",
+                flush=True,
+            )
 
-        if done % t.log_interval == 0 or done == t.steps:
-            loss = loss_sum / t.grad_accum_steps
-            if dp_size > 1 and not pipelined:
-                dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-                loss /= dp_size
-            now = time.perf_counter()
-            loss_value = loss.item()
-            tflops = step_flops * window_steps / (now - window_start) / world / 1e12  # per device
-            log.log(
-                {
-                    "step": done,
-                    "loss": loss_value,
-                    "lr": scheduler.get_last_lr()[0],
-                    "tflops_per_device": tflops,
-                    "mfu": tflops / peak if peak else None,
-                    "grad_norm": grad_norm if grad_norm is not None else _optional_float(engine.get_global_grad_norm()),
-                    "tokens": tokens_seen,
-                    "tokens_per_s": window_tokens / (now - window_start),
-                    "elapsed": now - started,
-                    "max_rss_gib": _peak_memory_per_rank(),
-                    "max_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
-                    if device.type == "cuda"
-                    else None,
-                }
-            )
-            window_start, window_tokens, window_steps = now, 0, 0
-        if done % t.eval_interval == 0 or done == t.steps:
-            val = evaluate()
-            log.log(
-                {
-                    "step": done,
-                    "val_nelbo": val["nelbo_per_token"],
-                    "val_ppl": val["ppl"],
-                    "elapsed": time.perf_counter() - started,
-                }
-            )
-        if done % t.save_interval == 0 or done == t.steps:
-            checkpoint(done)
-    log.close()
-    if val is None and start_step >= t.steps:
-        val = evaluate()
-    return TrainResult(run_dir, t.steps, loss_value, val)
+
+def train(cfg: Config) -> TrainResult:
+    """Train (or resume) the run `cfg` describes; see Trainer."""
+    return Trainer(cfg).run()
