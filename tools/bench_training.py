@@ -2,7 +2,9 @@
 
 A variant is objective:backend:precision:
 - objective is bd3 (the vectorized x_t ⊕ x pass at L' = --block-size), naive (Alg. 1's per-block
-  loop) or mdlm (L' = L);
+  loop), twopass (Alg. 1 as two passes: the clean sequence for K/V, then every noisy block at once
+  against them; Sec. 6.4 compares it with the vectorized pass), mdlm (L' = L), ar (the AR baseline)
+  or ar-random (AR + random batch size, Table 1: the loss on a random ~half of the tokens);
 - backend is sdpa, flex or flash;
 - precision is fp32, bf16 (autocast) or fp8 (bf16 autocast plus model/fp8.py's GEMMs).
 A step is the whole training step: forward, backward and an AdamW update.
@@ -22,13 +24,16 @@ import argparse
 import statistics
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
+from sad3_megatron.attention import AttentionMask
 from sad3_megatron.config import ModelConfig
-from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule
+from sad3_megatron.diffusion import BlockDiffusionObjective, build_objective, loss_terms, make_schedule, token_weights
 from sad3_megatron.engine.distributed import init_distributed
 from sad3_megatron.engine.flops import peak_tflops, training_flops_per_sequence
+from sad3_megatron.hf.masks import block_diffusion_visible
 from sad3_megatron.model import build_model, make_spec
 from sad3_megatron.model.fp8 import enable_fp8, require_fp8
 
@@ -40,15 +45,55 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class CleanFirstMask:
+    """Noisy queries x_t over keys [clean x ; x_t]: Mask(L, L')'s first L rows with its two key
+    halves swapped, the layout of Alg. 1's second pass, where the clean K/V come in as `past_kv`."""
+
+    seq_len: int
+    block_size: int
+
+    q_len = property(lambda self: self.seq_len)
+    kv_len = property(lambda self: 2 * self.seq_len)
+    is_causal = False
+
+    def first_rows(self, n: int) -> CleanFirstMask:
+        assert n == self.seq_len  # the noisy pass keeps every row
+        return self
+
+    def _visible(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        swapped = (kv_idx + self.seq_len) % (2 * self.seq_len)
+        return block_diffusion_visible(q_idx, swapped, self.seq_len, self.block_size)
+
+    def mask_mod(self):
+        return lambda b, h, q_idx, kv_idx: self._visible(q_idx, kv_idx)
+
+    def dense(self, device="cpu") -> torch.Tensor:
+        q = torch.arange(self.seq_len, device=device)[:, None]
+        return self._visible(q, torch.arange(2 * self.seq_len, device=device)[None, :])
+
+
+def two_pass_loss(model, objective: BlockDiffusionObjective, x: torch.Tensor, generator) -> torch.Tensor:
+    """Alg. 1 as written: (∅, K, V) ← x_θ(x), then x_θ^b(x_t^b, K^{<b}, V^{<b}) for all blocks in one call."""
+    L, block = objective.seq_len, objective.block_size
+    positions = torch.arange(L, device=x.device)
+    noised = objective.noise(x, generator)
+    clean = model(x, positions, AttentionMask.block_causal(L, block), num_outputs=1, return_kv=True)
+    out = model(noised.x_t, positions, CleanFirstMask(L, block), past_kv=clean.kv, labels=x)
+    return loss_terms(out.token_nll, token_weights(noised), x.shape[0] * objective.scored_per_row).loss
+
+
 class Variant:
     def __init__(self, name: str, args, device: torch.device, vocab: int, mask_id: int):
         self.name = name
         objective, backend, self.precision = name.split(":")
-        self.naive = objective == "naive"
+        self.kind, self.naive = objective, objective == "naive"
         self.block_size = args.seq_len if objective == "mdlm" else args.block_size
-        self.objective = BlockDiffusionObjective(
-            args.seq_len, self.block_size, make_schedule("clipped", 0.3, 0.8), mask_id
-        )
+        kind = "ar" if objective.startswith("ar") else "sad3"
+        self.objective = build_objective(
+            kind, args.seq_len, self.block_size, make_schedule("clipped", 0.3, 0.8), mask_id,
+            ar_random_tokens=objective == "ar-random",
+        )  # fmt: skip
         torch.manual_seed(0)  # every variant starts from the same weights
         spec = make_spec(ModelConfig(preset=args.preset, dropout=0.0), vocab, mask_id, backend)
         self.model = build_model(spec, device)
@@ -59,7 +104,7 @@ class Variant:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **fused)
         self.flops = args.batch_size * training_flops_per_sequence(
             spec.num_layers, spec.hidden_size, spec.ffn_hidden_size, spec.padded_vocab_size,
-            args.seq_len, self.block_size, "sad3",
+            args.seq_len, self.block_size, "ar" if objective.startswith("ar") else "sad3",
         )  # fmt: skip
         self.device, self.times, self.losses = device, [], []
 
@@ -71,7 +116,12 @@ class Variant:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = self.objective(self.model, x, generator, naive=self.naive).loss
+            if self.kind == "twopass":
+                loss = two_pass_loss(self.model, self.objective, x, generator)
+            elif self.kind.startswith("ar"):
+                loss = self.objective(self.model, x, generator).loss
+            else:
+                loss = self.objective(self.model, x, generator, naive=self.naive).loss
         loss.backward()
         self.optimizer.step()
         synchronize(self.device)
@@ -120,7 +170,8 @@ def main() -> None:
         mfu = f"{100 * v.flops / t / (peak * 1e12):5.1f}%" if peak else "  n/a"
         print(
             f"  {v.name:18s} L'={v.block_size:<5d} step {t * 1000:8.1f} ms  {tokens_per_s:10,.0f} tok/s  "
-            f"MFU {mfu}  ×{t / base:5.2f} of {variants[0].name}  last loss {v.losses[-1]:.3f}"
+            f"MFU {mfu}  ×{t / base:5.2f} of {variants[0].name}  last loss {v.losses[-1]:.3f}  "
+            f"loss std over rounds {statistics.stdev(v.losses[-args.rounds :]) if args.rounds > 1 else float('nan'):.4f}"
         )
 
 
