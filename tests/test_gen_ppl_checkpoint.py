@@ -23,7 +23,7 @@ def test_ar_checkpoint_scores_text_like_its_own_objective(tmp_path):
     train(load_config("configs/demo.yaml", TINY + [f"run.out_dir={tmp_path / 'ar'}", "diffusion.objective=ar"]))
     model, tokenizer = load_evaluator(tmp_path / "ar")
     text = "it is a truth universally acknowledged, that a single man in possession of a good fortune"
-    ids = tokenizer(text)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # as generative_perplexity tokenizes
     assert 2 <= len(ids) <= 31
     gen = generative_perplexity([text], model, tokenizer)
 

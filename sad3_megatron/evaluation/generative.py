@@ -10,7 +10,8 @@ a window. Tokens equal to the evaluator's EOS are not scored. The reported value
 exp(total NLL / scored tokens) over all samples; per-sample values are given too.
 
 The evaluator is any local HuggingFace model directory (`AutoModelForCausalLM`), loaded without
-network access, or a sad3 checkpoint of the AR baseline (`diffusion.objective=ar`), used directly.
+network access: e.g. a `sad3 export` of the AR baseline (`diffusion.objective=ar`). A sad3 AR
+checkpoint is exported on the fly, so it is scored through the same interface.
 """
 
 from __future__ import annotations
@@ -36,67 +37,51 @@ class GenerativePerplexity:
     stride: int
 
 
-class _CheckpointLM:
-    """A sad3 AR-baseline checkpoint behind the slice of the HF causal-LM interface used here."""
-
-    def __init__(self, parts):
-        from types import SimpleNamespace
-
-        self.model, self.device = parts.model, parts.device
-        self.context = parts.cfg.model.seq_len - 1  # the AR baseline reads L - 1 tokens
-        self.config = SimpleNamespace(n_positions=self.context)
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def __call__(self, input_ids: torch.Tensor):
-        from types import SimpleNamespace
-
-        from sad3_megatron.attention import AttentionMask
-
-        n = input_ids.shape[1]
-        out = self.model(input_ids, torch.arange(n, device=input_ids.device), AttentionMask.causal(n))
-        return SimpleNamespace(logits=out.logits)
-
-
-class _CheckpointTokenizer:
-    def __init__(self, tokenizer):
-        self.tokenizer, self.eos_token_id = tokenizer, tokenizer.eos_id
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": self.tokenizer.encode(text)}
-
-
 def _is_checkpoint(path: Path) -> bool:
     return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
 
 
 def load_evaluator(path: str | Path, device: torch.device | str = "cpu"):
-    """(model, tokenizer) of a local causal-LM directory or a sad3 AR checkpoint, in eval mode."""
+    """(model, tokenizer) of a local causal-LM directory, in eval mode. A `sad3 export` of the AR
+    baseline loads with the package's own classes (no remote code); a sad3 AR checkpoint is exported
+    to a temporary directory first, so every evaluator is scored through the same HF interface."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if _is_checkpoint(Path(path)):
-        from sad3_megatron.engine.build import load_components
-
-        parts, ckpt = load_components(path, torch.device(device))
-        if parts.cfg.diffusion.objective != "ar":
-            raise Sad3Error(
-                f"evaluator {str(ckpt)!r} is a diffusion checkpoint: pass an AR baseline or a HuggingFace causal LM"
-            )
-        return _CheckpointLM(parts), _CheckpointTokenizer(parts.tokenizer)
+    from sad3_megatron.engine.build import is_export
 
     hf_logging.disable_progress_bar()  # a local load is quick; keep the CLI output to its result
     path = Path(path)
+    if _is_checkpoint(path):
+        import tempfile
+
+        from sad3_megatron.export import export_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            export = export_checkpoint(path, Path(tmp) / "export")
+            _refuse_diffusion(export.out_dir, f"{str(export.checkpoint)!r} is a diffusion checkpoint")
+            return load_evaluator(export.out_dir, device)
     if not path.is_dir():
         raise Sad3Error(f"evaluator {str(path)!r} is not a directory: pass a local HuggingFace causal-LM directory")
+    if is_export(path):
+        from sad3_megatron.hf.modeling_sad3 import Sad3ForCausalLM
+
+        _refuse_diffusion(path, f"{str(path)!r} is a diffusion model export")
+        loader = Sad3ForCausalLM
+    else:
+        loader = AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        model = loader.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise Sad3Error(f"cannot load a causal LM and its tokenizer from {str(path)!r}: {first_line}") from None
     return model.to(device).eval(), tokenizer
+
+
+def _refuse_diffusion(export: Path, what: str) -> None:
+    if json.loads((export / "config.json").read_text()).get("objective") != "ar":
+        raise Sad3Error(f"evaluator {what}: pass an AR baseline or a HuggingFace causal LM")
 
 
 def _context_size(model) -> int | None:

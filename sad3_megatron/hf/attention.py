@@ -33,12 +33,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name == "auto":
         return "flex" if device.type == "cuda" else "sdpa"
     if name == "flash":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError as err:
-            raise Sad3Error(
-                "attention backend 'flash' needs the flash-attn package: pip install flash-attn, or use 'flex'"
-            ) from err
+        _flash_attn_func()
         if device.type != "cuda":
             raise Sad3Error("attention backend 'flash' runs on CUDA only: use 'sdpa' on CPU")
     return name
@@ -88,9 +83,19 @@ def _flex(q, k, v, mask):
     return kernel(q, k, v, block_mask=block_mask)
 
 
-def _flash(q, k, v, mask):
-    from flash_attn import flash_attn_func
+def _flash_attn_func():
+    # Inside try: transformers' remote-code loader then does not require flash-attn to be installed.
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as err:
+        raise Sad3Error(
+            "attention backend 'flash' needs the flash-attn package: pip install flash-attn, or use 'flex'"
+        ) from err
+    return flash_attn_func
 
+
+def _flash(q, k, v, mask):
+    flash_attn_func = _flash_attn_func()
     if mask is not None and (isinstance(mask, DocumentMask) or not mask.is_causal):
         raise Sad3Error(
             "flash-attn cannot express the block-diffusion training mask: use attention_backend=flex "

@@ -67,6 +67,13 @@ class AttentionMask:
         """The AR baseline's causal mask: M_BC with L' = 1."""
         return cls.block_causal(seq_len, 1)
 
+    @classmethod
+    def clean_window(cls, past: int, length: int, block_size: int) -> AttentionMask:
+        """M_BC for `length` clean tokens at positions past.. that follow `past` cached ones (blocks
+        aligned to position 0): each sees the cache and the tokens of its own and earlier blocks."""
+        total = past + length
+        return cls(total, block_size, total + past, length, total, total)
+
     def first_rows(self, n: int) -> AttentionMask:
         """The same mask for the first `n` queries only (the model's last layer keeps the noisy half)."""
         return replace(self, q_len=min(n, self.q_len))

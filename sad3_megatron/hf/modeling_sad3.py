@@ -1,0 +1,308 @@
+"""transformers classes of an exported SAD3-LM: `Sad3ForMaskedLM` (block diffusion, any L') and
+`Sad3ForCausalLM` (the AR baseline, driven by transformers' own `generate()`).
+
+Both wrap the `Network` of `network.py`, the module the trainer runs (on megatron-core layers there,
+on nn.Linear / nn.Embedding here), so an export computes what the trainer computed, and the sampler
+(Alg. 2, `generate.py`) and the NELBO (Eq. 7/8, `objective.py`) are the package's own code. Loaded
+with `trust_remote_code=True`, these files need torch and transformers only.
+
+`forward(input_ids, ...)` follows transformers' conventions around Eq. 6, x_θ(tokens, K^{<b}, V^{<b}):
+`past_key_values` (a `Cache`, or the legacy per-layer (K, V) tuples) holds the clean prefix, and with
+`use_cache=True` this call's keys and values are appended to it. The input tokens see the cache and
+each other block-causally (M_BC of Suppl. D, blocks aligned to position 0): that encodes clean text
+of any length, and denoises one block against its clean prefix. `sad3_mask` passes any other window
+of the training mask, e.g. `AttentionMask.doubled(L, L')` with `position_ids=doubled_positions(L)`
+and `num_outputs=L` for the vectorized x_t ⊕ x pass of Alg. 1. Logits follow SUBS: [MASK] is never
+predicted, and in the masked LM an unmasked input position predicts its own token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from .configuration_sad3 import Sad3Config
+from .errors import Sad3Error
+from .generate import GenerationResult, SamplingConfig, generate
+from .kv_cache import KV
+from .masks import AttentionMask
+from .network import MLP, Attention, Embedding, Layer, Network, OutputHead, copy_unmasked, subs_blocked_ids
+from .objective import AutoregressiveObjective, BlockDiffusionObjective
+from .rotary import RotaryEmbedding
+from .schedules import evaluation_schedule
+
+WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+
+
+def build_network(config: Sad3Config) -> Network:
+    """The network of `network.py` on plain torch layers, sized by `config` (module names as in training)."""
+    hidden, ffn, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    head_dim = hidden // config.num_attention_heads
+
+    def layer() -> Layer:
+        attn = Attention(nn.Linear(hidden, 3 * hidden, bias=False), nn.Linear(hidden, hidden, bias=False),
+                         head_dim, config.attention_backend)  # fmt: skip
+        return Layer(hidden, attn, MLP(nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)), config.hidden_dropout)
+
+    head = OutputHead(hidden, nn.Linear(hidden, vocab, bias=False), _blocked_ids(config))
+    rotary = RotaryEmbedding(head_dim, config.rope_theta)
+    return Network(Embedding(nn.Embedding(vocab, hidden)), rotary, [layer() for _ in range(config.num_hidden_layers)],
+                   head, vocab)  # fmt: skip
+
+
+def _blocked_ids(config: Sad3Config) -> torch.Tensor:
+    return subs_blocked_ids(0, config.vocab_size, config.vocab_size, config.mask_token_id)
+
+
+def expected_shapes(config: Sad3Config) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor an export of `config` must hold (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        network = build_network(config)
+    return {f"model.{k}": tuple(v.shape) for k, v in network.state_dict().items()}
+
+
+def check_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """Refuse missing, unexpected or mis-shaped tensors, naming them (never a random-initialised weight)."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shaped = [f"{k} {list(found[k])} (expected {list(expected[k])})" for k in sorted(set(found) & set(expected))
+              if tuple(found[k]) != tuple(expected[k])]  # fmt: skip
+    problems = [f"{label}: {', '.join(names[:5])}{' …' if len(names) > 5 else ''}"
+                for label, names in (("missing", missing), ("unexpected", extra), ("mis-shaped", shaped)) if names]  # fmt: skip
+    if problems:
+        raise Sad3Error(f"{where} does not match its config.json ({'; '.join(problems)}): export the checkpoint again")
+
+
+def stored_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name → shape of the tensors in an export's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    index = directory / WEIGHTS_INDEX_NAME
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_NAME]
+    shapes = {}
+    for name in files:
+        if not (directory / name).is_file():
+            raise Sad3Error(f"{str(directory)!r} lacks the weights file {name}: export the checkpoint again")
+        with safe_open(str(directory / name), framework="pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
+
+
+@dataclass
+class Sad3MaskedLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+
+
+def _as_cache(past_key_values) -> Cache | None:
+    if past_key_values is None or isinstance(past_key_values, Cache):
+        return past_key_values
+    return DynamicCache(ddp_cache_data=[tuple(kv) for kv in past_key_values])  # legacy ((K, V), ...) per layer
+
+
+def _cached_layers(cache: Cache | None) -> list[KV] | None:
+    if cache is None or cache.get_seq_length() == 0:
+        return None
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _positions(position_ids: torch.Tensor | None, past: int, length: int, device: torch.device) -> torch.Tensor:
+    if position_ids is None:
+        return torch.arange(past, past + length, device=device)
+    if position_ids.dim() == 2:
+        if not bool((position_ids == position_ids[:1]).all()):
+            raise Sad3Error("position_ids must be the same for every row of the batch (no padding)")
+        position_ids = position_ids[0]
+    return position_ids.to(device)
+
+
+def _check_no_padding(attention_mask: torch.Tensor | None) -> None:
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        raise Sad3Error("padded batches are not supported: give every row the same length (attention_mask all ones)")
+
+
+class Sad3PreTrainedModel(PreTrainedModel):
+    config_class = Sad3Config
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Layer"]
+
+    def __init__(self, config: Sad3Config):
+        super().__init__(config)
+        self.model = build_network(config)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loading, with every tensor checked by name and shape against the config first
+        (local directories) and after (any source): a missing weight is an error, never a random init."""
+        want_info = kwargs.pop("output_loading_info", False)
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            config = kwargs.get("config")
+            config = config if isinstance(config, Sad3Config) else Sad3Config.from_pretrained(path)
+            check_tensors(stored_shapes(path), expected_shapes(config), f"the export {path!r}")
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        leftover = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if leftover:
+            raise Sad3Error(f"loading {path!r} left tensors unmatched: {leftover}: export the checkpoint again")
+        model.restore_buffers()
+        if os.path.isfile(os.path.join(path, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return (model, info) if want_info else model
+
+    def restore_buffers(self) -> None:
+        """Recompute the non-persistent buffers (rotary frequencies, SUBS-blocked ids), which a load
+        that builds the model on the meta device leaves uninitialised."""
+        device = self.model.embedding.embed.weight.device
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        self.model.rotary.inv_freq = RotaryEmbedding(head_dim, self.config.rope_theta).inv_freq.to(device)
+        self.model.head.blocked_ids = _blocked_ids(self.config).to(device)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embedding.embed
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.head.output
+
+    def _run(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, sad3_mask, num_outputs, block):
+        """Eq. 6 in transformers' conventions: (logits [b, n, V], the updated cache or None)."""
+        _check_no_padding(attention_mask)
+        cache = _as_cache(past_key_values)
+        past = cache.get_seq_length() if cache is not None else 0
+        length = input_ids.shape[1]
+        positions = _positions(position_ids, past, length, input_ids.device)
+        mask = sad3_mask
+        if mask is None and (past + length - 1) // block != past // block:  # inputs span several blocks
+            mask = AttentionMask.clean_window(past, length, block)
+        out = self.model(input_ids, positions, mask, past_kv=_cached_layers(cache), num_outputs=num_outputs,
+                         return_kv=use_cache)  # fmt: skip
+        if not use_cache:
+            return out.logits, None
+        cache = cache if cache is not None else DynamicCache()
+        for i, (k, v) in enumerate(out.kv):
+            cache.update(k, v, i)
+        return out.logits, cache
+
+    def generate_blocks(self, input_ids=None, **settings) -> GenerationResult:
+        """Sample with the package's Alg. 2 (diffusion: within-block samplers, KV cache, any length
+        past L with the sliding context window; AR baseline: next-token with the same cache).
+
+        `input_ids`: the prompt every sample continues (a list of ids, or a [n] / [1, n] tensor),
+        default [BOS] (documents were framed with BOS in training). `settings` are the fields of
+        `SamplingConfig` (num_tokens, steps, sampler, threshold, temperature, top_p, batch_size,
+        seed, kv_cache, window, window_keep, stop_at_eos, min_entropy, entropy_window, block_size);
+        unset ones come from generation_config.json. Runs on the device and dtype of the weights."""
+        known = {f.name for f in fields(SamplingConfig)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise Sad3Error(f"unknown sampling settings {unknown}: choose from {sorted(known)}")
+        defaults = dict(getattr(self.generation_config, "sad3_sampling", None) or {})
+        config = SamplingConfig(**{"num_tokens": self.config.max_position_embeddings, "block_size": self.config.block_size,
+                                   **{k: v for k, v in defaults.items() if k in known}, **settings})  # fmt: skip
+        autoregressive = self.config.objective == "ar"
+        if autoregressive:
+            config.block_size = 1
+        if input_ids is None:
+            prompt = [self.config.bos_token_id]
+        else:
+            prompt = input_ids.reshape(-1).tolist() if torch.is_tensor(input_ids) else [int(i) for i in input_ids]
+        return generate(self.model, config, seq_len=self.config.max_position_embeddings,
+                        mask_id=self.config.mask_token_id, eos_id=self.config.eos_token_id, prompt=prompt,
+                        autoregressive=autoregressive)  # fmt: skip
+
+    @torch.no_grad()
+    def nelbo(self, input_ids: torch.Tensor, block_size: int | None = None, draws: int = 1, seed: int = 0) -> dict:
+        """The per-token bound of the NLL of `input_ids` [b, n] (nats): the NELBO of Eq. 7/8 under the
+        linear schedule, t ~ U[0, 1] (Sec. 6), averaged over `draws` draws of t per block; the exact NLL
+        for the AR baseline (the first token is context). n must be a multiple of L' and at most L.
+        Draw k uses seed·1000003 + k, as `sad3 eval` does for one batch."""
+        x = torch.as_tensor(input_ids, device=self.model.embedding.embed.weight.device)
+        x = x[None] if x.dim() == 1 else x
+        n, exact = x.shape[1], self.config.objective == "ar"
+        block = block_size or self.config.block_size
+        if n > self.config.max_position_embeddings or (not exact and n % block):
+            raise Sad3Error(f"{n} tokens: score at most L={self.config.max_position_embeddings} tokens, a multiple of L'={block}")
+        objective = (AutoregressiveObjective(n) if exact else
+                     BlockDiffusionObjective(n, block, evaluation_schedule(), self.config.mask_token_id, self.config.antithetic))  # fmt: skip
+        was_training = self.model.training
+        self.model.eval()
+        per_draw = []
+        for k in range(1 if exact else draws):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
+            terms = objective(self.model, x, generator, schedule=evaluation_schedule())
+            per_draw.append(terms.nll_sum.item() / terms.num_tokens)
+        self.model.train(was_training)
+        spread = torch.tensor(per_draw, dtype=torch.float64)
+        std_err = float(spread.std() / len(per_draw) ** 0.5) if len(per_draw) > 1 else 0.0
+        return {"nelbo_per_token": float(spread.mean()), "std_err": std_err, "tokens": terms.num_tokens,
+                "draws": len(per_draw), "block_size": None if exact else block, "exact": exact}  # fmt: skip
+
+
+class Sad3ForMaskedLM(Sad3PreTrainedModel):
+    """A SAD3-LM (block diffusion with L' = `config.block_size`; MDLM when L' = L)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | tuple | None = None,
+        use_cache: bool | None = None,
+        labels: torch.Tensor | None = None,
+        sad3_mask: AttentionMask | None = None,
+        num_outputs: int | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Sad3MaskedLMOutput | tuple:
+        """Logits [b, n, V] of the first `num_outputs` inputs (all by default), SUBS-parameterized;
+        with `use_cache=True` the returned cache holds the past plus this call's keys/values (do
+        that for clean tokens only). `labels` (-100 = ignored) give the mean cross-entropy as `loss`."""
+        logits, cache = self._run(input_ids, attention_mask, position_ids, past_key_values, bool(use_cache),
+                                  sad3_mask, num_outputs, self.config.block_size)  # fmt: skip
+        logits = copy_unmasked(logits, input_ids[:, : logits.shape[1]], self.config.mask_token_id)
+        loss = None
+        if labels is not None:
+            scored = labels[:, : logits.shape[1]]
+            loss = F.cross_entropy(logits.flatten(0, 1), scored.flatten(), ignore_index=-100)
+        output = Sad3MaskedLMOutput(loss=loss, logits=logits, past_key_values=cache)
+        return output.to_tuple() if return_dict is False else output
+
+
+class Sad3ForCausalLM(Sad3PreTrainedModel, GenerationMixin):
+    """The AR baseline (`diffusion.objective=ar`): the same network under the causal mask."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | tuple | None = None,
+        use_cache: bool | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Next-token logits [b, n, V]; `labels` give the mean NLL of labels[:, 1:] as `loss`."""
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        logits, cache = self._run(input_ids, attention_mask, position_ids, past_key_values, use_cache, None, None, 1)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return output.to_tuple() if return_dict is False else output
+
+
+__all__ = ["Sad3ForCausalLM", "Sad3ForMaskedLM", "Sad3PreTrainedModel", "build_network", "expected_shapes"]
