@@ -66,3 +66,30 @@ def test_bf16_logits_under_autocast_match_a_bf16_reference():
         got = chunked_vocab_parallel_nll(h, weight, labels, blocked, chunk_tokens=10)
     assert got.dtype == torch.float32
     assert (got - expected).abs().max() <= 1e-4
+
+
+def test_the_model_with_a_chunked_loss_equals_full_logits():
+    """model.loss_chunk_tokens in the transformer: the same Eq. 8 loss and gradients as the full logits."""
+    from dataclasses import replace
+
+    from conftest import MASK_ID, random_tokens, tiny_model
+
+    from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule
+    from sad3_megatron.model import build_model
+
+    objective = BlockDiffusionObjective(16, 4, make_schedule("linear"), MASK_ID)
+    x = random_tokens(3, 16)
+    results = []
+    for chunk in (0, 5):
+        model = tiny_model(seed=2)
+        if chunk:
+            torch.manual_seed(2)
+            model = build_model(replace(model.spec, loss_chunk_tokens=chunk), torch.device("cpu"))
+        loss = objective(model, x, torch.Generator().manual_seed(0)).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full, full_grads), (chunked, chunked_grads) = results
+    assert abs(full - chunked) <= 1e-6
+    assert full_grads.keys() == chunked_grads.keys()
+    for name in full_grads:
+        assert (full_grads[name] - chunked_grads[name]).abs().max() <= 1e-6, name

@@ -95,3 +95,35 @@ def test_held_out_bound_keeps_document_ids_of_a_prefix_of_rows():
         second = objective(model, rows[2:3], generator, schedule=evaluation_schedule(), document_ids=ids[2:3])
     expected = (first.nll_sum + second.nll_sum).item() / (first.num_tokens + second.num_tokens)
     assert bound.sequences == 3 and abs(bound.nelbo_per_token - expected) < 1e-6
+
+
+def test_one_micro_batch_builds_each_document_mask_window_once(monkeypatch):
+    """The per-batch document mask is built once for all layers (twice: the last layer keeps only the
+    noisy rows), not once per layer, on the dense SDPA path and the Flex BlockMask path alike."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    builds = {"dense": 0, "flex": 0}
+    dense = DocumentMask.dense
+
+    def counted_dense(self, device="cpu"):
+        builds["dense"] += 1
+        return dense(self, device)
+
+    real_block_mask = flex_module.create_block_mask
+
+    def counted_block_mask(*args, **kwargs):
+        builds["flex"] += 1
+        return real_block_mask(*args, **kwargs)
+
+    monkeypatch.setattr(DocumentMask, "dense", counted_dense)
+    monkeypatch.setattr(flex_module, "create_block_mask", counted_block_mask)
+    ids = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
+    x = random_tokens(2, L, seed=4)
+    objective = BlockDiffusionObjective(L, BLOCK, make_schedule("linear"), MASK_ID)
+    outputs = []
+    for backend in ("sdpa", "flex"):
+        model = tiny_model(seed=5, layers=4, backend=backend)
+        with torch.no_grad():  # Flex has no backward on CPU
+            outputs.append(objective(model, x, torch.Generator().manual_seed(0), document_ids=ids).loss)
+        assert builds[backend if backend == "flex" else "dense"] == 2, builds
+    assert abs(outputs[0] - outputs[1]) <= 1e-5

@@ -105,6 +105,11 @@ def test_dropout_masks_follow_the_micro_batch_slot_in_every_layout(
     [
         ("tp2", ["parallel.tensor_parallel=2", "train.grad_accum_steps=2"]),
         ("tp2-sp", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "train.grad_accum_steps=2"]),
+        (  # the chunked vocab-parallel loss against the single process's full logits
+            "tp2-sp-chunked-loss",
+            ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "model.loss_chunk_tokens=24",
+             "train.grad_accum_steps=2"],
+        ),  # fmt: skip
         ("pp2", ["parallel.pipeline_parallel=2", "parallel.zero_stage=1", "train.grad_accum_steps=2"]),
         ("dp2-zero1", ["parallel.zero_stage=1"]),
         ("dp2-zero2", ["parallel.zero_stage=2"]),

@@ -61,7 +61,8 @@ def _compiled_flex():
 
 def _sdpa(q, k, v, mask):
     if isinstance(mask, DocumentMask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.device))
+        dense = mask.memo("dense", q.device, lambda: mask.dense(q.device))  # once per micro-batch
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     attn_mask = None if mask is None else _dense_mask(mask, str(q.device))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
@@ -71,12 +72,17 @@ def _flex(q, k, v, mask):
 
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise Sad3Error("FlexAttention has no backward on CPU: train with attention_backend=sdpa")
-    if isinstance(mask, DocumentMask):  # depends on the batch: built per call, never cached
+    if isinstance(mask, DocumentMask):  # depends on the batch: built once per micro-batch, shared by the layers
         from torch.nn.attention.flex_attention import create_block_mask
 
-        block_mask = create_block_mask(
-            mask.mask_mod(), q.shape[0], None, mask.q_len, mask.kv_len, device=str(q.device), BLOCK_SIZE=FLEX_BLOCK_SIZE
-        )
+        block_mask = mask.memo(
+            "flex",
+            q.device,
+            lambda: create_block_mask(
+                mask.mask_mod(), q.shape[0], None, mask.q_len, mask.kv_len, device=str(q.device),
+                BLOCK_SIZE=FLEX_BLOCK_SIZE,
+            ),
+        )  # fmt: skip
     else:
         block_mask = None if mask is None else _block_mask(mask, str(q.device), FLEX_BLOCK_SIZE)
     kernel = _compiled_flex() if q.device.type == "cuda" else flex_attention

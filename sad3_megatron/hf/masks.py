@@ -19,7 +19,7 @@ This module is pure torch: no DeepSpeed, no megatron.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -115,11 +115,14 @@ class DocumentMask:
 
     `document_ids` [b, kv_len] labels every key position of the window (for the doubled sequence,
     cat(doc, doc)); queries are a prefix of the same window, so they read the first q_len labels.
-    Every query still sees itself, so no softmax row is empty. Per-batch, hence never cached.
+    Every query still sees itself, so no softmax row is empty. It depends on the batch, so backends
+    never cache it globally; instead the dense matrix or BlockMask built for it is kept in `built`,
+    which `first_rows` shares, so one micro-batch builds each window once for all layers.
     """
 
     base: AttentionMask
     document_ids: torch.Tensor
+    built: dict = field(default_factory=dict, repr=False)  # (kind, q_len, device) -> dense mask / BlockMask
 
     @property
     def q_len(self) -> int:
@@ -134,7 +137,14 @@ class DocumentMask:
         return False
 
     def first_rows(self, n: int) -> DocumentMask:
-        return DocumentMask(self.base.first_rows(n), self.document_ids)
+        return DocumentMask(self.base.first_rows(n), self.document_ids, self.built)
+
+    def memo(self, kind: str, device: torch.device | str, build: Callable[[], object]):
+        """What `build` makes for this window on `device`, built on first use and then shared."""
+        key = (kind, self.q_len, self.kv_len, str(device))
+        if key not in self.built:
+            self.built[key] = build()
+        return self.built[key]
 
     def mask_mod(self) -> MaskMod:
         base, ids = self.base.mask_mod(), self.document_ids

@@ -200,11 +200,14 @@ class Network(nn.Module):
         seq = tokens.shape[1]
         keep = seq if num_outputs is None else num_outputs
         h, kv = run_layers(self.layers, self.embedding(tokens), self.rotary(positions), mask, past_kv, seq, keep)
-        logits = self.head(h)
         kv_out = kv if return_kv else None
         if labels is not None:
-            return ModelOutput(None, self.token_nll(logits, labels), kv_out)
-        return ModelOutput(self.full_logits(logits), None, kv_out)
+            return ModelOutput(None, self.labelled_nll(h, labels), kv_out)
+        return ModelOutput(self.full_logits(self.head(h)), None, kv_out)
+
+    def labelled_nll(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy [b, n] of labels [b, n] from the last layer's hidden states [n, b, hidden]."""
+        return self.token_nll(self.head(h), labels)
 
     def token_nll(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy [b, n] of labels [b, n] from logits [n, b, V]."""

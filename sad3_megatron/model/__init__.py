@@ -19,6 +19,7 @@ def make_spec(cfg: ModelConfig, vocab_size: int, mask_id: int, backend: str) -> 
         dropout=cfg.dropout,
         rotary_base=cfg.rotary_base,
         attention_backend=backend,
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
     )
 
 

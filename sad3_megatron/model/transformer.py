@@ -22,6 +22,7 @@ from sad3_megatron.hf import network
 from sad3_megatron.hf.kv_cache import KV
 from sad3_megatron.hf.network import ModelOutput, subs_blocked_ids
 from sad3_megatron.hf.rotary import RotaryEmbedding
+from sad3_megatron.model.chunked_loss import chunked_vocab_parallel_nll
 from sad3_megatron.model.sequence_parallel import first_rows, split_sequence
 
 __all__ = ["KV", "ModelOutput", "SAD3Transformer", "TransformerSpec"]
@@ -38,6 +39,7 @@ class TransformerSpec:
     dropout: float = 0.1
     rotary_base: float = 10000.0
     attention_backend: str = "sdpa"
+    loss_chunk_tokens: int = 0  # > 0: the output layer's loss in chunks of this many tokens (model/chunked_loss.py)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -155,6 +157,25 @@ class SAD3Transformer(network.Network):
 
     def token_nll(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return shard_nll(logits, labels)
+
+    def labelled_nll(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """With `loss_chunk_tokens`, the output layer and its vocab-parallel cross-entropy run chunk by
+        chunk and never hold the whole [tokens, vocabulary] logits (model/chunked_loss.py)."""
+        if not self.spec.loss_chunk_tokens:
+            return super().labelled_nll(h, labels)
+        x = self.head.norm(h)
+        if self.embedding.sequence_parallel:  # the output layer sees the whole sequence, as megatron's would
+            x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+        else:  # identity forward; the input gradient is summed over the TP ranks' vocabulary shards
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
+        n, b, hidden = x.shape
+        weight = self.head.output.weight
+        nll = chunked_vocab_parallel_nll(
+            x.reshape(n * b, hidden), weight, labels.transpose(0, 1).reshape(-1), self.head.blocked_ids,
+            vocab_start=parallel_state.get_tensor_model_parallel_rank() * weight.shape[0],
+            chunk_tokens=self.spec.loss_chunk_tokens, group=parallel_state.get_tensor_model_parallel_group(),
+        )  # fmt: skip
+        return nll.view(n, b).transpose(0, 1)
 
     def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return super().full_logits(tensor_parallel.gather_from_tensor_model_parallel_region(logits))
