@@ -127,3 +127,32 @@ def test_one_micro_batch_builds_each_document_mask_window_once(monkeypatch):
             outputs.append(objective(model, x, torch.Generator().manual_seed(0), document_ids=ids).loss)
         assert builds[backend if backend == "flex" else "dense"] == 2, builds
     assert abs(outputs[0] - outputs[1]) <= 1e-5
+
+
+def reference_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+    """flash_attn_varlen_func's contract written out: each segment [cu[i], cu[i+1]) of the flattened
+    [tokens, heads, dim] tensors attends only to itself (causally if asked)."""
+    out = torch.empty_like(q)
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+        piece = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # [heads, n, dim]
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(*piece, is_causal=causal).transpose(0, 1)
+    return out
+
+
+def test_flash_varlen_layout_of_document_packed_ar_and_mdlm_rows_equals_the_document_mask():
+    """The cu_seqlens glue of the flash backend (runnable here with a reference kernel of the same
+    contract) against SDPA under the document mask, for the two masks flash expresses exactly."""
+    from sad3_megatron.hf.attention import document_segments, varlen_attention
+
+    ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 16, [0] * 3 + [1] * 13])
+    mdlm = AttentionMask.doubled(L, L).first_rows(L).first_cols(L)
+    for base in (AttentionMask.causal(L), mdlm):
+        mask = DocumentMask(base, ids)
+        assert base.is_causal or base.is_full
+        q, k, v = (torch.randn(3, 2, L, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+        expected = attend(q, k, v, mask, "sdpa")
+        got = varlen_attention(q, k, v, mask, reference_varlen_kernel)
+        assert (got - expected).abs().max() <= 1e-5
+    cu, longest = document_segments(DocumentMask(mdlm, ids), L)
+    assert cu.tolist() == [0, 5, 12, 16, 32, 35, 48] and longest == 16
+    assert not AttentionMask.doubled(L, BLOCK).is_full and not AttentionMask.block_causal(L, BLOCK).is_full

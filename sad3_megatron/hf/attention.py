@@ -100,15 +100,48 @@ def _flash_attn_func():
     return flash_attn_func
 
 
+def _flash_varlen_func():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as err:
+        raise Sad3Error("attention backend 'flash' needs the flash-attn package: pip install flash-attn") from err
+    return flash_attn_varlen_func
+
+
+def document_segments(mask: DocumentMask, length: int) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32, [segments + 1]) of the rows flattened one after another, a segment being a
+    run of one document inside one row, and the longest segment: flash-attn's varlen layout."""
+    ids = mask.document_ids[:, :length]
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]  # every row starts a segment: none crosses rows
+    bounds = torch.nonzero(starts.flatten()).flatten()
+    cu = torch.cat([bounds, bounds.new_tensor([ids.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def varlen_attention(q, k, v, mask: DocumentMask, kernel) -> torch.Tensor:
+    """Document-packed rows as independent sequences (cu_seqlens), for the masks that are, inside
+    each document, exactly what flash-attn computes natively: causal (AR) or full (MDLM over x_t).
+    `kernel` has flash_attn_varlen_func's signature; q/k/v are [b, h, s, d]."""
+    b, h, s, d = q.shape
+    cu, longest = document_segments(mask, s)
+    flat = [t.transpose(1, 2).reshape(b * s, h, d) for t in (q, k, v)]
+    out = kernel(*flat, cu.to(q.device), cu.to(q.device), longest, longest, causal=mask.base.is_causal)
+    return out.reshape(b, s, h, d).transpose(1, 2)
+
+
 def _flash(q, k, v, mask):
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # flash-attn: half only
+    if isinstance(mask, DocumentMask) and mask.q_len == mask.kv_len and (mask.base.is_causal or mask.base.is_full):
+        out = varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, _flash_varlen_func())
+        return out.to(q.dtype)
     flash_attn_func = _flash_attn_func()
     if mask is not None and (isinstance(mask, DocumentMask) or not mask.is_causal):
         raise Sad3Error(
             "flash-attn cannot express the block-diffusion training mask: use attention_backend=flex "
-            "(flash serves KV-cache sampling and the causal AR baseline)"
+            "(flash serves KV-cache sampling, the causal AR baseline and document-packed AR / MDLM rows)"
         )
     # flash-attn wants [batch, seq, heads, head_dim] in half precision.
-    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     out = flash_attn_func(*(t.transpose(1, 2).to(dtype) for t in (q, k, v)), causal=mask is not None)
     return out.transpose(1, 2).to(q.dtype)
 

@@ -87,6 +87,12 @@ class AttentionMask:
         """True when this window is a plain causal mask (what flash-attn can run natively)."""
         return self.block_size == 1 and self.q_offset == self.kv_offset == self.seq_len and self.q_len == self.kv_len
 
+    @property
+    def is_full(self) -> bool:
+        """True when every query sees every key: MDLM's window over x_t alone (one block, M_BD)."""
+        noisy = self.q_offset + self.q_len <= self.seq_len and self.kv_offset + self.kv_len <= self.seq_len
+        return self.block_size == self.seq_len and noisy
+
     def mask_mod(self) -> MaskMod:
         """FlexAttention-style predicate (b, h, q_idx, kv_idx) -> bool over this window."""
         seq_len, block_size, q_off, kv_off = self.seq_len, self.block_size, self.q_offset, self.kv_offset
