@@ -6,7 +6,10 @@ A variant is objective:backend:precision:
   against them; Sec. 6.4 compares it with the vectorized pass), mdlm (L' = L), ar (the AR baseline)
   or ar-random (AR + random batch size, Table 1: the loss on a random ~half of the tokens);
 - backend is sdpa, flex or flash;
-- precision is fp32, bf16 (autocast) or fp8 (bf16 autocast plus model/fp8.py's GEMMs).
+- precision is fp32, bf16 (autocast) or fp8 (bf16 autocast plus model/fp8.py's GEMMs);
+- an optional fourth field joins options with "+": compile (each layer through torch.compile),
+  ckpt-selective / ckpt-full (activation checkpointing), chunk (the chunked output-layer loss,
+  4096 tokens per chunk), e.g. bd3:flex:bf16:compile+chunk.
 A step is the whole training step: forward, backward and an AdamW update.
 
 The variants are timed interleaved, round after round, and compared by their medians, so load on a
@@ -35,6 +38,8 @@ from sad3_megatron.engine.distributed import init_distributed
 from sad3_megatron.engine.flops import peak_tflops, training_flops_per_sequence
 from sad3_megatron.hf.masks import block_diffusion_visible
 from sad3_megatron.model import build_model, make_spec
+from sad3_megatron.model.activation_checkpointing import apply_activation_checkpointing
+from sad3_megatron.model.compile import compile_layers
 from sad3_megatron.model.fp8 import enable_fp8, require_fp8
 
 DEFAULT_VARIANTS = "bd3:sdpa:fp32,naive:sdpa:fp32,mdlm:sdpa:fp32"
@@ -86,7 +91,8 @@ def two_pass_loss(model, objective: BlockDiffusionObjective, x: torch.Tensor, ge
 class Variant:
     def __init__(self, name: str, args, device: torch.device, vocab: int, mask_id: int):
         self.name = name
-        objective, backend, self.precision = name.split(":")
+        objective, backend, self.precision, *extra = name.split(":")
+        options = set(extra[0].split("+")) if extra else set()
         self.kind, self.naive = objective, objective == "naive"
         self.block_size = args.seq_len if objective == "mdlm" else args.block_size
         kind = "ar" if objective.startswith("ar") else "sad3"
@@ -95,18 +101,24 @@ class Variant:
             ar_random_tokens=objective == "ar-random",
         )  # fmt: skip
         torch.manual_seed(0)  # every variant starts from the same weights
-        spec = make_spec(ModelConfig(preset=args.preset, dropout=0.0), vocab, mask_id, backend)
+        chunk = 4096 if "chunk" in options else 0
+        spec = make_spec(ModelConfig(preset=args.preset, dropout=0.0, loss_chunk_tokens=chunk), vocab, mask_id, backend)
         self.model = build_model(spec, device)
         if self.precision == "fp8":
             require_fp8(device)
             enable_fp8(self.model)
+        for mode in ("selective", "full"):
+            if f"ckpt-{mode}" in options:
+                apply_activation_checkpointing(self.model, mode)
+        if "compile" in options:
+            compile_layers(self.model)
         fused = {"fused": True} if device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **fused)
         self.flops = args.batch_size * training_flops_per_sequence(
             spec.num_layers, spec.hidden_size, spec.ffn_hidden_size, spec.padded_vocab_size,
             args.seq_len, self.block_size, "ar" if objective.startswith("ar") else "sad3",
         )  # fmt: skip
-        self.device, self.times, self.losses = device, [], []
+        self.device, self.times, self.losses, self.peak_gib = device, [], [], None
 
     def step(self, x: torch.Tensor, seed: int) -> None:
         amp = self.precision in ("bf16", "fp8")
@@ -127,6 +139,8 @@ class Variant:
         synchronize(self.device)
         self.times.append(time.perf_counter() - start)
         self.losses.append(loss.item())
+        if self.device.type == "cuda":
+            self.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
 
 
 def main() -> None:
@@ -138,7 +152,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation)")
     parser.add_argument("--block-size", type=int, default=4)
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated objective:backend:precision")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated objective:backend:precision[:options]")
+    parser.add_argument("--markdown", default=None, help="append one table row per variant to this file")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -164,15 +179,22 @@ def main() -> None:
         f"batch={args.batch_size} vocab={args.vocab_size} rounds={args.rounds} (medians)"
     )
     base = statistics.median(variants[0].times)
+    rows = []
     for v in variants:
         t = statistics.median(v.times)
         tokens_per_s = args.batch_size * args.seq_len / t
         mfu = f"{100 * v.flops / t / (peak * 1e12):5.1f}%" if peak else "  n/a"
+        memory = f"{v.peak_gib:.1f} GiB" if v.peak_gib is not None else "n/a"
+        rows.append(f"| {args.preset} L={args.seq_len} b={args.batch_size} | {v.name} | {t * 1000:.1f} ms | "
+                    f"{tokens_per_s:,.0f} | {mfu.strip()} | ×{t / base:.2f} | {memory} |")  # fmt: skip
         print(
             f"  {v.name:18s} L'={v.block_size:<5d} step {t * 1000:8.1f} ms  {tokens_per_s:10,.0f} tok/s  "
             f"MFU {mfu}  ×{t / base:5.2f} of {variants[0].name}  last loss {v.losses[-1]:.3f}  "
             f"loss std over rounds {statistics.stdev(v.losses[-args.rounds :]) if args.rounds > 1 else float('nan'):.4f}"
         )
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("".join(row + "\n" for row in rows))
 
 
 if __name__ == "__main__":
