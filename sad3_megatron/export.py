@@ -83,9 +83,8 @@ def generation_defaults(config: Sad3Config) -> dict:
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
         "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": config.max_position_embeddings,
         "sad3_sampling": {
-            "num_tokens": config.max_position_embeddings, "block_size": config.block_size, "sampler": "ancestral",
-            "steps": 1000, "threshold": 0.9, "temperature": 1.0, "top_p": 1.0, "kv_cache": True, "stop_at_eos": True,
-            "min_entropy": 1.5, "entropy_window": 64,
+            "block_size": config.block_size, "sampler": "ancestral", "steps": 1000, "threshold": 0.9,
+            "temperature": 1.0, "top_p": 1.0, "kv_cache": True, "stop_at_eos": True, "stop_rule": "paper",
         },
     }  # fmt: skip
 

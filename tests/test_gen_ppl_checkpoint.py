@@ -1,5 +1,5 @@
 """A sad3 AR-baseline checkpoint as the Gen. PPL evaluator: its score of a text equals the AR
-objective's NLL of the same tokens (one window, so every token after the first is scored once)."""
+objective's NLL of the same tokens after BOS (one window, so every token of the text is scored once)."""
 
 import math
 
@@ -23,7 +23,7 @@ def test_ar_checkpoint_scores_text_like_its_own_objective(tmp_path):
     train(load_config("configs/demo.yaml", TINY + [f"run.out_dir={tmp_path / 'ar'}", "diffusion.objective=ar"]))
     model, tokenizer = load_evaluator(tmp_path / "ar")
     text = "it is a truth universally acknowledged, that a single man in possession of a good fortune"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # as generative_perplexity tokenizes
+    ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]  # a document from BOS
     assert 2 <= len(ids) <= 31
     gen = generative_perplexity([text], model, tokenizer)
 

@@ -167,6 +167,23 @@ def test_confident_sampling_with_a_prompt_matches_too(diffusion):
     ]
 
 
+def test_exported_sample_defaults_and_protocol_options_match_sad3_sample(diffusion):
+    """Default budget L - 1 (BOS + sample = L), the paper's stop rule with redraws, exact sliding."""
+    run, export = diffusion
+    hf = Sad3ForMaskedLM.from_pretrained(export)
+    rule = {"min_entropy": 10.0, "entropy_window": 8, "max_redraws": 1}  # every draw is rejected
+    result = hf.generate_blocks(None, steps=2, batch_size=2, seed=1, stop_at_eos=False, sliding="exact", **rule)
+    argv = ["sample", str(run), "--json", "--steps", "2", "--batch-size", "2", "--seed", "1", "--ignore-eos",
+            "--sliding", "exact", "--min-entropy", "10", "--entropy-window", "8", "--max-redraws", "1"]  # fmt: skip
+    reference = _cli_json(*argv)
+    assert [(s.tokens, s.rejections) for s in result.samples] == [
+        (s["tokens"], s["rejections"]) for s in reference["samples"]
+    ]
+    assert all(s.rejections == 2 and s.stop_reason == "rejected" for s in result.samples)
+    plain = hf.generate_blocks(None, steps=2, seed=1, stop_at_eos=False)
+    assert plain.samples[0].length == L - 1 and reference["sequence_length"] == L
+
+
 def test_export_bound_equals_sad3_eval(diffusion):
     run, export = diffusion
     parts, _ = load_components(run)

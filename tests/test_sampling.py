@@ -164,7 +164,7 @@ def test_stopping_at_eos_and_on_repetition(model):
             assert s.stop_reason == "length" and s.length == 40 and eos not in s.tokens
     # An unreachable entropy floor: every sample stops at the first check with 8 recent tokens,
     # after the block ending at position 12 (BOS + 11 generated tokens).
-    repetitive, _ = run(model, min_entropy=10.0, entropy_window=8)
+    repetitive, _ = run(model, stop_rule="sad3", min_entropy=10.0, entropy_window=8)
     assert all(s.stop_reason == "repetition" and s.length == 11 for s in repetitive.samples)
 
 
@@ -292,9 +292,9 @@ def test_generative_perplexity_matches_a_direct_computation(tiny_gpt2, tmp_path,
     assert gen.max_length == 64  # clipped to the evaluator's context
     total, count = 0.0, 0
     eos = tokenizer.eos_token_id
-    for text in texts:  # one window each: a plain log-softmax sum, EOS targets left out
-        ids = tokenizer(text)["input_ids"]
-        assert eos in ids or text == texts[1]
+    for text in texts:  # one window each, from BOS (GPT-2: EOS): a log-softmax sum, EOS targets left out
+        ids = tokenizer("<|endoftext|>" + text)["input_ids"]
+        assert ids[0] == eos and (eos in ids[1:] or text == texts[1])
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
         for i in range(1, len(ids)):
@@ -319,7 +319,7 @@ def test_generative_perplexity_windows_score_each_token_once(tiny_gpt2):
     text = (ROOT / "sad3_megatron/assets/corpora/austen/persuasion.txt").read_text()[:600]
     ids = tokenizer(text)["input_ids"][:100]
     max_length, stride = 32, 12
-    nll, count = sequence_nll(model, ids, None, max_length, stride)
+    nll, count = sequence_nll(model, ids, (), max_length, stride)
     assert count == len(ids) - 1
     expected = 0.0
     for i in range(1, len(ids)):  # the first window (start k·stride) that reaches token i scores it

@@ -118,8 +118,8 @@ class Reproduction:
         return _last_json(self._sad3(argv))
 
     def sample(self, model: Model, path: Path) -> dict:
-        argv = ["sample", str(self.run_dir(model)), "--num-tokens", str(self.seq_len), "--steps", str(self.args.sample_steps),
-                "--batch-size", str(self.args.samples), "--ignore-eos", "--min-entropy", "0", "--out", str(path), "--json"]  # fmt: skip
+        argv = ["sample", str(self.run_dir(model)), "--steps", str(self.args.sample_steps),  # BOS + sample = L tokens
+                "--batch-size", str(self.args.samples), "--ignore-eos", "--stop-rule", "paper", "--out", str(path), "--json"]  # fmt: skip
         self._sad3(argv)
         evaluator = self.run_dir(Model("AR", "ar", []))
         return _last_json(self._sad3(["eval-samples", str(path), "--evaluator", str(evaluator), "--json"]))
@@ -180,7 +180,7 @@ class Reproduction:
         for label, r in rows.items():
             paper = " / ".join(PAPER_TABLE6.get(label, ("—", "—")))
             lines.append(f"| {label} | {paper} | {r['gen_ppl']:.1f} | {r['mean_nfe']:.1f} | {r['mean_length']:.0f} |")
-        note = (f"{self.args.samples} samples of {self.seq_len} tokens per model, T = {self.args.sample_steps} steps per block "
+        note = (f"{self.args.samples} samples of {self.seq_len} tokens (BOS included) per model, T = {self.args.sample_steps} steps per block "
                 "(SEDD: its Euler sampler; others: ancestral), scored by this --out's AR run, which also wrote "
                 "the AR samples (so the AR row is optimistic).")  # fmt: skip
         return self._section("Table 6: generative perplexity and NFEs", lines, [plot], note, rows)

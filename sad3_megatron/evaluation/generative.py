@@ -1,12 +1,17 @@
 """Metrics of generated samples (Sec. 6.3, Table 6): generative perplexity under an external
 causal LM, unigram entropy, NFEs and tokens/s.
 
-Generative perplexity: each sample's text is re-tokenized with the evaluator's own tokenizer (no
-special tokens added) and scored with sliding windows of `max_length` tokens advancing by
-`stride` (1024 / 512 by default; the window is clipped to the evaluator's context, and a stride
-that would leave no overlap becomes half the window): every token after the first is scored
-exactly once, with at least max_length - stride tokens of context once the sample is longer than
-a window. Tokens equal to the evaluator's EOS are not scored. The reported value is
+Generative perplexity, the protocol of the reference code (`record_generative_perplexity`): a
+sample is its documents, the text of each EOS-separated piece of its tokens (`split_documents`),
+re-tokenized with the evaluator's own tokenizer (no special tokens added) and framed for the
+evaluator as the reference's decode-without-skipping frames a GPT-2 sample: its BOS first (EOS
+when it has none), then the documents joined by its EOS (EOS + BOS when they differ). So any pair
+of tokenizers keeps the sample's document boundaries, every generated token is scored given the
+start of a document, and the separators are context, never scored targets. Scoring uses sliding
+windows of `max_length` tokens advancing by `stride` (1024 / 512 by default; the window is
+clipped to the evaluator's context, and a stride that would leave no overlap becomes half the
+window): every token after the first is scored exactly once, with at least max_length - stride
+tokens of context once the sample is longer than a window. The reported value is
 exp(total NLL / scored tokens) over all samples; per-sample values are given too.
 
 The evaluator is any local HuggingFace model directory (`AutoModelForCausalLM`), loaded without
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,9 +95,35 @@ def _context_size(model) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
+def split_documents(tokens: Sequence[int], eos_id: int | None) -> list[list[int]]:
+    """The EOS-separated pieces of a sample's tokens (EOS dropped; a final EOS ends the last piece)."""
+    pieces: list[list[int]] = [[]]
+    for token in tokens:
+        if token == eos_id:
+            pieces.append([])
+        else:
+            pieces[-1].append(token)
+    return pieces[:-1] if len(pieces) > 1 and not pieces[-1] else pieces
+
+
+def frame_documents(documents: Sequence[str], tokenizer) -> tuple[list[int], set[int]]:
+    """(evaluator ids of a sample, the separator ids that are never scored): BOS, then the
+    re-tokenized documents joined by EOS (+ BOS when the evaluator's BOS differs from its EOS)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None and eos is None:
+        raise Sad3Error("the evaluator's tokenizer has neither an EOS nor a BOS token to frame documents with")
+    start = [eos if bos is None else bos]
+    separator = [eos] if bos in (None, eos) else ([bos] if eos is None else [eos, bos])
+    ids = list(start)
+    for i, text in enumerate(documents):
+        ids += (separator if i else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids, {t for t in (bos, eos) if t is not None}
+
+
 @torch.no_grad()
-def sequence_nll(model, ids: list[int], eos_id: int | None, max_length: int, stride: int) -> tuple[float, int]:
-    """(summed NLL in nats, number of scored tokens) of one token sequence, by sliding windows."""
+def sequence_nll(model, ids: list[int], unscored: Collection[int], max_length: int, stride: int) -> tuple[float, int]:
+    """(summed NLL in nats, number of scored tokens) of one token sequence, by sliding windows;
+    targets in `unscored` (the document separators) are context only."""
     if len(ids) < 2:
         return 0.0, 0
     device = next(model.parameters()).device
@@ -105,8 +137,8 @@ def sequence_nll(model, ids: list[int], eos_id: int | None, max_length: int, str
         logp = logits.log_softmax(dim=-1).gather(-1, targets[:, None])[:, 0]
         position = torch.arange(begin + 1, end, device=device)
         scored = position >= scored_until  # tokens earlier windows scored are context only
-        if eos_id is not None:
-            scored &= targets != eos_id
+        if unscored:
+            scored &= ~torch.isin(targets, torch.as_tensor(sorted(unscored), device=device))
         total -= logp[scored].sum().item()
         count += int(scored.sum())
         scored_until = end
@@ -116,24 +148,24 @@ def sequence_nll(model, ids: list[int], eos_id: int | None, max_length: int, str
 
 
 def generative_perplexity(
-    texts: list[str], model, tokenizer, max_length: int = 1024, stride: int = 512
+    samples: Sequence[str | Sequence[str]], model, tokenizer, max_length: int = 1024, stride: int = 512
 ) -> GenerativePerplexity:
-    """Gen. PPL of `texts` under the evaluator `model` (see the module docstring)."""
+    """Gen. PPL of `samples` under the evaluator `model` (see the module docstring). A sample is
+    its list of documents; a plain string is one document."""
     context = _context_size(model)
     max_length = min(max_length, context) if context else max_length
     if stride >= max_length:  # windows must overlap, or each window's first token would go unscored
         stride = max(max_length // 2, 1)
     if max_length < 2 or stride < 1:
         raise Sad3Error(f"generative perplexity needs windows of at least 2 tokens (got {max_length}, stride {stride})")
-    eos = tokenizer.eos_token_id
     total, count, per_sample = 0.0, 0, []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        nll, n = sequence_nll(model, ids, eos, max_length, stride)
+    for sample in samples:
+        ids, unscored = frame_documents([sample] if isinstance(sample, str) else sample, tokenizer)
+        nll, n = sequence_nll(model, ids, unscored, max_length, stride)
         total, count = total + nll, count + n
         per_sample.append(math.exp(nll / n) if n else float("nan"))
     if count == 0:
-        raise Sad3Error("the samples hold no token to score (each needs at least two evaluator tokens)")
+        raise Sad3Error("the samples hold no token to score (each needs at least one evaluator token)")
     return GenerativePerplexity(math.exp(total / count), total / count, count, per_sample, max_length, stride)
 
 
@@ -157,8 +189,9 @@ def load_samples(path: str | Path) -> list[dict]:
 def summarize_samples(
     samples: list[dict], evaluator=None, tokenizer=None, max_length: int = 1024, stride: int = 512
 ) -> dict:
-    """Mean unigram entropy (of each sample's own token ids), NFEs, lengths and tokens/s, plus
-    the generative perplexity when an evaluator model and tokenizer are given."""
+    """Mean unigram entropy (of each sample's own token ids), NFEs, lengths, tokens/s and rejected
+    samples, plus the generative perplexity when an evaluator model and tokenizer are given (a
+    sample's `documents`, or its `text` as one document in files written before they existed)."""
 
     def mean(key: str) -> float | None:
         values = [s[key] for s in samples if s.get(key) is not None]
@@ -171,8 +204,10 @@ def summarize_samples(
         "mean_nfe": mean("nfe"),
         "mean_tokens_per_s": mean("tokens_per_s"),
         "mean_unigram_entropy": sum(entropies) / len(entropies) if entropies else None,
+        "rejected_samples": sum(s.get("stop_reason") == "rejected" for s in samples),
     }
     if evaluator is not None:
-        gen = generative_perplexity([s["text"] for s in samples], evaluator, tokenizer, max_length, stride)
+        documents = [s.get("documents") or [s["text"]] for s in samples]
+        gen = generative_perplexity(documents, evaluator, tokenizer, max_length, stride)
         result.update({f"gen_{k}": v for k, v in asdict(gen).items()})
     return result

@@ -9,13 +9,20 @@ budget stay masked and are never sampled, so no NFE is spent on tokens that woul
 
 Samples in a batch share the model calls but nothing else: each stops on its own (EOS, budget,
 repetition; see `stopping.py`) and its rows then leave the batch and the cache.
+
+Table 6's protocol: a sample is L tokens, BOS (the prompt) included, so the default budget is
+L - len(prompt); under the paper's stop rule a rejected sample is drawn again (`redraw_seed`).
+NFEs count the calls of x_θ that denoise a block (Alg. 2; AR: one per generated token), those of
+the kept draw only, as the reference code counts them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -25,7 +32,7 @@ from .errors import Sad3Error
 from .kv_cache import KVCache
 from .masks import AttentionMask
 from .samplers import SAMPLERS, denoise_block, make_sampler
-from .stopping import StopCriteria
+from .stopping import STOP_RULES, StopCriteria, low_entropy_action
 from .window import ContextWindow, context_window
 
 # Called with every model output used for sampling: (block start, or the predicted position for
@@ -35,7 +42,7 @@ LogitsHook = Callable[[int, torch.Tensor], None]
 
 @dataclass
 class SamplingConfig:
-    num_tokens: int | None  # token budget per sample (the prompt not included)
+    num_tokens: int | None  # token budget per sample, prompt not included (None: L - len(prompt))
     block_size: int | None  # L' (unused by the AR baseline, which generates one token at a time)
     steps: int = 1000  # T per block: ancestral steps, or the cap on confident-decoding steps
     sampler: str = "ancestral"
@@ -46,10 +53,13 @@ class SamplingConfig:
     seed: int = 0
     kv_cache: bool = True
     window: int | None = None  # cached context tokens (default L - L')
-    window_keep: int | None = None  # tokens kept when the window slides (default half of it)
+    window_keep: int | None = None  # tokens kept when the window slides (default: per `sliding`)
+    sliding: str = "halving"  # window.SLIDING: keep half the window when it slides, or all of it (exact)
     stop_at_eos: bool = True
-    min_entropy: float = 1.5  # repetition stop: unigram entropy (nats) of the recent tokens below it (0: off)
-    entropy_window: int = 64
+    stop_rule: str = "paper"  # stopping.STOP_RULES: reject/truncate degenerate samples, or stop and keep
+    min_entropy: float | None = None  # entropy floor in nats (0: off; default: the rule's)
+    entropy_window: int | None = None  # recent tokens it is measured on (default: the rule's)
+    max_redraws: int = 10  # draws of a rejected sample before it is kept and reported as rejected
 
     def check(self) -> None:
         """Check the settings that do not depend on the model (before loading one)."""
@@ -67,10 +77,22 @@ class SamplingConfig:
             raise Sad3Error(f"--threshold must be in (0, 1], got {self.threshold}")
         if self.sampler not in SAMPLERS:
             raise Sad3Error(f"unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        if self.min_entropy < 0.0 or self.entropy_window < 1:
+        if self.stop_rule not in STOP_RULES:
+            raise Sad3Error(f"unknown --stop-rule {self.stop_rule!r}: choose one of {', '.join(STOP_RULES)}")
+        window, floor = self.entropy_rule()
+        if floor < 0.0 or window < 1 or self.max_redraws < 0:
             raise Sad3Error(
-                f"--min-entropy must be >= 0 and --entropy-window >= 1 (got {self.min_entropy}, {self.entropy_window})"
+                f"--min-entropy must be >= 0, --entropy-window >= 1 and --max-redraws >= 0 "
+                f"(got {floor}, {window}, {self.max_redraws})"
             )
+
+    def entropy_rule(self) -> tuple[int, float]:
+        """(entropy window, floor): the stop rule's, unless set explicitly."""
+        window, floor = STOP_RULES[self.stop_rule]
+        return (
+            window if self.entropy_window is None else self.entropy_window,
+            floor if self.min_entropy is None else self.min_entropy,
+        )
 
     def resolve(self, seq_len: int, autoregressive: bool = False) -> ContextWindow:
         """Check every setting against a model trained on `seq_len` tokens; returns its window."""
@@ -87,16 +109,35 @@ class SamplingConfig:
             raise Sad3Error(
                 f"--block-size {self.block_size} does not divide the model's context length {seq_len}: pick a divisor"
             )
-        return context_window(seq_len, block, self.window, self.window_keep, autoregressive)
+        return context_window(seq_len, block, self.window, self.window_keep, autoregressive, self.sliding)
+
+
+def token_budget(num_tokens: int | None, seq_len: int, prompt_len: int) -> int:
+    """`num_tokens`, or by default L - len(prompt): prompt + sample = L tokens, as in Table 6."""
+    if num_tokens is not None:
+        return num_tokens
+    if prompt_len >= seq_len:
+        raise Sad3Error(
+            f"the prompt has {prompt_len} tokens, the model's whole context L = {seq_len}: pass --num-tokens"
+        )
+    return seq_len - prompt_len
+
+
+def redraw_seed(seed: int, index: int, attempt: int) -> int:
+    """The seed of the `attempt`-th redraw of sample `index` of a run seeded with `seed`: a pure
+    function, so a run is reproducible and no redraw depends on which other samples were rejected."""
+    digest = hashlib.sha256(f"sad3-redraw/{seed}/{index}/{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass
 class Sample:
     tokens: list[int]  # the generated tokens, prompt excluded, truncated after EOS
     length: int
-    stop_reason: str  # one of stopping.STOP_REASONS
+    stop_reason: str  # one of stopping.STOP_REASONS ("rejected": still degenerate after max_redraws)
     nfe: int  # calls of x_θ that included this sample (Table 6), clean K/V passes not counted
-    seconds: float  # from the start of generation until this sample stopped
+    seconds: float  # from the start of generation until this sample stopped (redraws included)
+    rejections: int = 0  # draws of this sample rejected by the paper's stop rule
 
     @property
     def tokens_per_s(self) -> float:
@@ -113,6 +154,10 @@ class GenerationResult:
     @property
     def tokens_per_s(self) -> float:
         return sum(s.length for s in self.samples) / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def rejections(self) -> int:
+        return sum(s.rejections for s in self.samples)
 
 
 class _Rows:
@@ -147,7 +192,24 @@ class _Rows:
 
 def _stop_criteria(config: SamplingConfig, eos_id: int | None) -> StopCriteria:
     eos = eos_id if config.stop_at_eos else None
-    return StopCriteria(config.num_tokens, eos, config.min_entropy, config.entropy_window)
+    window, floor = config.entropy_rule()
+    return StopCriteria(config.num_tokens, eos, floor, window, low_entropy_action(config.stop_rule, eos is None))
+
+
+def _redraw_rejected(result: GenerationResult, config: SamplingConfig, draw: Callable, start: float) -> None:
+    """Draw each rejected sample again, alone, with `redraw_seed`, up to `config.max_redraws` times."""
+    for index, sample in enumerate(result.samples):
+        attempt = 0
+        while sample.stop_reason == "rejected" and attempt < config.max_redraws:
+            attempt += 1
+            again = draw(replace(config, batch_size=1, seed=redraw_seed(config.seed, index, attempt)))
+            result.clean_passes += again.clean_passes
+            sample = again.samples[0]
+        sample.rejections = attempt + (sample.stop_reason == "rejected")
+        if attempt:
+            sample.seconds = time.perf_counter() - start
+            result.samples[index] = sample
+    result.seconds = time.perf_counter() - start
 
 
 @torch.inference_mode()
@@ -265,17 +327,22 @@ def generate(
 ) -> GenerationResult:
     """Sample `config.batch_size` sequences from a SAD3-LM (Alg. 2) or the AR baseline.
 
-    `seq_len` is the training context L, which bounds the context window; samples may be longer."""
+    `seq_len` is the training context L, which bounds the context window; samples may be longer,
+    and are L - len(prompt) tokens by default."""
+    config = replace(config, num_tokens=token_budget(config.num_tokens, seq_len, len(prompt)))
     window = config.resolve(seq_len, autoregressive)
     if mask_id in prompt:
         raise Sad3Error("the prompt contains the mask token; it must be clean text")
+    if autoregressive:
+        draw = partial(generate_autoregressive, model, window=window, eos_id=eos_id, prompt=prompt)
+    else:
+        draw = partial(generate_blocks, model, window=window, mask_id=mask_id, eos_id=eos_id, prompt=prompt)
     was_training = model.training
     model.eval()
     try:
-        if autoregressive:
-            return generate_autoregressive(model, config, window, eos_id=eos_id, prompt=prompt, logits_hook=logits_hook)
-        return generate_blocks(
-            model, config, window, mask_id=mask_id, eos_id=eos_id, prompt=prompt, logits_hook=logits_hook
-        )
+        start = time.perf_counter()
+        result = draw(config, logits_hook=logits_hook)
+        _redraw_rejected(result, config, draw, start)  # the hook sees the first draw only
+        return result
     finally:
         model.train(was_training)

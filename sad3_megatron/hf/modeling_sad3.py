@@ -203,14 +203,16 @@ class Sad3PreTrainedModel(PreTrainedModel):
         `input_ids`: the prompt every sample continues (a list of ids, or a [n] / [1, n] tensor),
         default [BOS] (documents were framed with BOS in training). `settings` are the fields of
         `SamplingConfig` (num_tokens, steps, sampler, threshold, temperature, top_p, batch_size,
-        seed, kv_cache, window, window_keep, stop_at_eos, min_entropy, entropy_window, block_size);
-        unset ones come from generation_config.json. Runs on the device and dtype of the weights."""
+        seed, kv_cache, window, window_keep, sliding, stop_at_eos, stop_rule, min_entropy,
+        entropy_window, max_redraws, block_size); unset ones come from generation_config.json.
+        num_tokens defaults to L - len(prompt) (prompt + sample = L tokens, Table 6). Runs on the
+        device and dtype of the weights."""
         known = {f.name for f in fields(SamplingConfig)}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise Sad3Error(f"unknown sampling settings {unknown}: choose from {sorted(known)}")
         defaults = dict(getattr(self.generation_config, "sad3_sampling", None) or {})
-        config = SamplingConfig(**{"num_tokens": self.config.max_position_embeddings, "block_size": self.config.block_size,
+        config = SamplingConfig(**{"num_tokens": None, "block_size": self.config.block_size,
                                    **{k: v for k, v in defaults.items() if k in known}, **settings})  # fmt: skip
         autoregressive = self.config.objective == "ar"
         if autoregressive:

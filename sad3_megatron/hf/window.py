@@ -15,9 +15,11 @@ entries still carries information from tokens outside the window, and it no long
 forward pass the model was trained on. Re-encoding keeps the window exact: block b sees precisely
 a block-causal pass over [c(s), s), the same thing the no-cache path recomputes, and nothing
 before c(s). `keep` trades context for compute: re-encoding `keep` tokens once every
-(size - keep)/L' + 1 blocks. keep = size is the exact sliding window (every block sees the last
-`size` tokens, at the price of a re-encode per block); smaller values re-encode less often and
-condition on as few as `keep` tokens just after a slide.
+(size - keep)/L' + 1 blocks. keep = size (`sliding="exact"`) is the exact sliding window: c(s) =
+s - size, every block sees exactly the last `size` tokens, at the price of a re-encode per block
+(the reference code's window of L tokens, block included). Smaller values (`sliding="halving"`,
+the default: keep = size/2) re-encode less often and condition on as few as `keep` tokens just
+after a slide. Samples of at most L tokens never slide, so Table 6's numbers do not depend on it.
 
 Positions: tokens keep their absolute positions (they grow past L; nothing is re-based). RoPE
 makes attention depend on position differences only, and within a window those stay below L,
@@ -48,10 +50,19 @@ class ContextWindow:
         return self.size + self.block_size + slide * period - self.keep
 
 
+SLIDING = ("halving", "exact")
+
+
 def context_window(
-    seq_len: int, block_size: int, size: int | None = None, keep: int | None = None, autoregressive: bool = False
+    seq_len: int,
+    block_size: int,
+    size: int | None = None,
+    keep: int | None = None,
+    autoregressive: bool = False,
+    sliding: str = "halving",
 ) -> ContextWindow:
-    """The window for a model trained on `seq_len` tokens, with defaults L - L' and half of it.
+    """The window for a model trained on `seq_len` tokens, with defaults L - L' and, for `keep`,
+    half of it (`sliding="halving"`) or all of it (`"exact"`).
 
     The AR baseline was trained on inputs of L - 1 tokens and feeds one token per step, so its
     largest window is L - 2 cached tokens."""
@@ -63,7 +74,12 @@ def context_window(
         )
     if size % block_size:
         raise Sad3Error(f"--window {size} must be a multiple of the block size {block_size}")
-    keep = (size // 2) // block_size * block_size if keep is None else keep
+    if sliding not in SLIDING:
+        raise Sad3Error(f"unknown --sliding {sliding!r}: choose one of {', '.join(SLIDING)}")
+    if sliding == "exact" and keep not in (None, size):
+        raise Sad3Error(f"--sliding exact keeps the whole window: drop --window-keep {keep} or use --sliding halving")
+    if keep is None:
+        keep = size if sliding == "exact" else (size // 2) // block_size * block_size
     if not 0 <= keep <= size or keep % block_size:
         raise Sad3Error(
             f"--window-keep {keep} must be a multiple of the block size {block_size} between 0 and --window {size}"
