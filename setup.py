@@ -20,6 +20,7 @@ EXTRAS = {
     "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "ruff==0.17.5"],
     "data": ["datasets==5.2.0"],
     "wandb": ["wandb==0.31.0"],
+    "plot": ["matplotlib==3.11.2"],  # `sad3 plot`, `sad3 variance --plot`
     # GPU-only kernels; built against the user's CUDA toolkit (never `pip install apex`).
     "gpu": ["flash-attn>=2.6"],
 }

@@ -5,6 +5,7 @@
 #   NNODES, NPROC_PER_NODE, NODE_RANK, MASTER_ADDR, MASTER_PORT   torchrun / multi-node settings
 #   SAD3       the sad3 executable                                (default: .venv/bin/sad3, else sad3)
 #   DRY_RUN=1  print each stage's resolved plan instead of training
+#   SCHEDULE_SEARCH  elbo | grad | off: the finetune stages' (beta, omega) search   (default elbo)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -53,15 +54,24 @@ run_stage() {
   esac
 }
 
+# A stage stopped by SIGTERM/SIGUSR1 (preemption) saved a checkpoint, exited 0 and left a `preempted`
+# marker in its run directory: later stages must not start; rerunning the recipe resumes that stage.
+stopped_early() { [[ "${DRY_RUN:-0}" != 1 && -e "$1/preempted" ]]; }
+
 # run_recipe CONFIG RUN_ROOT BLOCK_SIZES...: stage 1 (pretrain, L' = L) once, then stage 2 (finetune) per L'.
+# Rerunning it resumes: finished stages only reload their final checkpoint.
 run_recipe() {
   local config="$1" root="$2"; shift 2
   run_stage "$config" --stage pretrain "run.out_dir=$root/pretrain" ${EXTRA_OVERRIDES:-}
+  if stopped_early "$root/pretrain"; then return 0; fi
   for block in "$@"; do
-    # Clipped mask rates per block size (Table 7 / Sec. 6.4); re-tune with the variance search as data changes.
+    # Table 7's clipped rates per block size start the stage; the finetune stage's schedule search
+    # (diffusion.schedule_search, Sec. 5.3) then re-picks (beta, omega) at every evaluation.
     local beta=0.3 omega=0.8
     [[ "$block" == 4 ]] && beta=0.45 omega=0.95
     run_stage "$config" --stage finetune "run.out_dir=$root/finetune-L$block" "train.init_from=$root/pretrain" \
-      "diffusion.block_size=$block" "diffusion.beta=$beta" "diffusion.omega=$omega" ${EXTRA_OVERRIDES:-}
+      "diffusion.block_size=$block" "diffusion.beta=$beta" "diffusion.omega=$omega" \
+      "diffusion.schedule_search=${SCHEDULE_SEARCH:-elbo}" ${EXTRA_OVERRIDES:-}
+    if stopped_early "$root/finetune-L$block"; then return 0; fi
   done
 }

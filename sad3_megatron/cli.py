@@ -56,10 +56,11 @@ def _print_plan(cfg, world_size: int | None) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from sad3_megatron.diffusion import BlockDiffusionObjective
+    from sad3_megatron.diffusion import BlockDiffusionObjective, evaluation_schedule
     from sad3_megatron.engine.build import load_components
     from sad3_megatron.evaluation import estimate_bound
 
+    schedule = evaluation_schedule(args.t_floor)  # checks --t-floor before the model loads
     if args.draws < 1:
         raise Sad3Error(f"--draws must be at least 1, got {args.draws}")
     if args.batch_size < 1:
@@ -69,8 +70,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg, objective = parts.cfg, parts.objective
     seq_len = cfg.model.seq_len
     if args.block_size is not None:
-        if cfg.diffusion.objective == "ar":
-            raise Sad3Error("--block-size applies to diffusion checkpoints; this one is the AR baseline")
+        if cfg.diffusion.objective != "sad3":
+            raise Sad3Error(f"--block-size applies to SAD3/MDLM checkpoints; this one is {cfg.diffusion.objective}")
         if args.block_size < 1 or seq_len % args.block_size:
             raise Sad3Error(
                 f"--block-size {args.block_size} does not divide the model's context length {seq_len}: pick a divisor"
@@ -78,23 +79,47 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         objective = BlockDiffusionObjective(
             seq_len, args.block_size, objective.schedule, parts.tokenizer.mask_id, objective.antithetic
         )
+    if args.discrete_steps:
+        objective = _discrete_time_objective(args, cfg, objective, parts.tokenizer.mask_id)
     sequences, described = _eval_sequences(args, cfg, parts.tokenizer, seq_len)
     torch.manual_seed(args.seed)
     bound = estimate_bound(
         parts.model, objective, sequences, parts.device, args.batch_size, args.draws, args.seed,
-        max_sequences=args.max_sequences or None,
+        max_sequences=args.max_sequences or None, schedule=schedule,
     )  # fmt: skip
-    result = {"checkpoint": str(ckpt), "data": described, **bound.to_dict()}
+    result = {"checkpoint": str(ckpt), "data": described, **bound.to_dict(), "discrete_steps": args.discrete_steps}
+    result["estimator"] = "t integrated out" if schedule.masking == "count" else f"t ~ U[{args.t_floor:g}, 1]"
     if args.json:
         print(json.dumps(result))
     else:
-        kind = "NLL (exact, AR)" if bound.exact else f"NELBO (L'={bound.block_size}, {bound.draws} draws of t ~ U[0,1])"
+        kind = f"NELBO (L'={bound.block_size}, {bound.draws} draws, {result['estimator']})"
+        if bound.exact:  # the AR baseline, or L' = 1 with t integrated out (Suppl. B)
+            kind = "NLL (exact, AR)" if bound.block_size is None else "NLL (exact, L'=1 in one pass)"
+        if args.discrete_steps:
+            kind = f"D3PM NELBO (T={args.discrete_steps}, L'={bound.block_size}, {bound.draws} draws of j ~ U{{1..T}})"
         relation = "=" if bound.exact else "<="
         print(
             f"{kind}: {bound.nelbo_per_token:.4f} ± {bound.std_err:.4f} nats/token; "
             f"PPL {relation} {bound.ppl:.2f} ± {bound.ppl_std_err:.2f}; {bound.tokens} tokens in {bound.sequences} sequences"
         )
     return 0
+
+
+def _discrete_time_objective(args: argparse.Namespace, cfg, objective, mask_id: int):
+    """`--discrete-steps T`: the T-step D3PM NELBO (Eq. 3) of a masked-diffusion checkpoint."""
+    from sad3_megatron.diffusion import NoiseSchedule
+    from sad3_megatron.hf.d3pm import DiscreteTimeObjective
+
+    if cfg.diffusion.objective != "sad3":
+        raise Sad3Error(
+            f"--discrete-steps scores masked-diffusion (sad3) checkpoints; this one is {cfg.diffusion.objective}"
+        )
+    if args.discrete_steps < 1:
+        raise Sad3Error(f"--discrete-steps must be at least 1, got {args.discrete_steps}")
+    return DiscreteTimeObjective(
+        cfg.model.seq_len, objective.block_size, NoiseSchedule("linear"), mask_id, args.discrete_steps,
+        objective.antithetic, getattr(objective, "clean_prefix", 1),
+    )  # fmt: skip
 
 
 def _check_zero_shot_args(args: argparse.Namespace) -> None:
@@ -116,11 +141,13 @@ def _eval_sequences(args: argparse.Namespace, cfg, tokenizer, seq_len: int):
     if args.zero_shot:
         where = args.zero_shot_path or "hub"
         sequences = load_eval_sequences(
-            tokenizer, seq_len, zero_shot=args.zero_shot, zero_shot_path=args.zero_shot_path, cache_dir=cache
-        )
+            tokenizer, seq_len, zero_shot=args.zero_shot, zero_shot_path=args.zero_shot_path, cache_dir=cache,
+            framing=cfg.data.framing,
+        )  # fmt: skip
         return sequences, f"zero-shot {args.zero_shot} ({where})"
     if args.data:
-        return load_eval_sequences(tokenizer, seq_len, files=args.data, cache_dir=cache), args.data
+        files = load_eval_sequences(tokenizer, seq_len, files=args.data, cache_dir=cache, framing=cfg.data.framing)
+        return files, args.data
     return load_corpus(cfg.data, tokenizer, seq_len).val, "held-out split"  # the checkpoint's own
 
 
@@ -161,7 +188,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         num_tokens=args.num_tokens,
         block_size=args.block_size,
         steps=args.steps,
-        sampler=args.sampler,
+        sampler=args.sampler or "ancestral",
         threshold=args.threshold,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -170,13 +197,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         kv_cache=not args.no_kv_cache,
         window=args.window,
         window_keep=args.window_keep,
+        sliding=args.sliding,
         stop_at_eos=not args.ignore_eos,
+        stop_rule=args.stop_rule,
         min_entropy=args.min_entropy,
         entropy_window=args.entropy_window,
+        max_redraws=args.max_redraws,
     )
     config.check()  # before loading the model
     from sad3_megatron.engine.build import load_components
-    from sad3_megatron.sampling import generate
+    from sad3_megatron.evaluation.generative import split_documents
+    from sad3_megatron.sampling import generate, token_budget
 
     # SDPA: query and key lengths change at every step, which a compiled FlexAttention would
     # recompile for; with the KV cache most calls need no mask at all. DeepSpeed announces its
@@ -187,12 +218,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     autoregressive = cfg.diffusion.objective == "ar"
     if autoregressive and args.block_size is not None:
         raise Sad3Error("--block-size applies to diffusion checkpoints; this one is the AR baseline")
+    prompt = [tok.bos_id] + (tok.encode(args.prompt) if args.prompt else [])
     config = replace(
         config,
-        num_tokens=args.num_tokens or cfg.model.seq_len,
+        sampler=args.sampler or ("euler" if cfg.diffusion.objective == "sedd" else "ancestral"),  # SEDD: its own
+        num_tokens=token_budget(args.num_tokens, cfg.model.seq_len, len(prompt)),  # prompt + sample = L
         block_size=1 if autoregressive else (args.block_size or cfg.diffusion.block_size),
     )
-    prompt = [tok.bos_id] + (tok.encode(args.prompt) if args.prompt else [])
     result = generate(
         parts.model,
         config,
@@ -206,9 +238,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         {
             "tokens": s.tokens,
             "text": tok.hf.decode(s.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=True),
+            "documents": [  # the EOS-separated pieces: eval-samples joins them with its evaluator's EOS
+                tok.hf.decode(d, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+                for d in split_documents(s.tokens, tok.eos_id)
+            ],
             "nfe": s.nfe,
             "length": s.length,
             "stop_reason": s.stop_reason,
+            "rejections": s.rejections,
             "seconds": s.seconds,
             "tokens_per_s": s.tokens_per_s,
         }
@@ -231,6 +268,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "window_keep": result.window.keep,
         "num_tokens": config.num_tokens,
         "prompt_tokens": len(prompt),
+        "sequence_length": len(prompt) + config.num_tokens,  # the longest sample with its prompt (BOS)
+        "stop_rule": config.stop_rule,
+        "entropy_window": config.entropy_rule()[0],
+        "min_entropy": config.entropy_rule()[1],
+        "rejections": result.rejections,
         "seconds": result.seconds,
         "tokens_per_s": result.tokens_per_s,
         "mean_nfe": sum(s["nfe"] for s in samples) / len(samples),
@@ -239,6 +281,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     }
     if args.out:
         Path(args.out).write_text(json.dumps(out) + "\n")
+    still = sum(s["stop_reason"] == "rejected" for s in samples)
+    if still:
+        print(
+            f"sad3 sample: warning: {still} sample(s) stayed degenerate after {config.max_redraws} redraws "
+            "(stop_reason 'rejected'); raise --max-redraws or train the model longer",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(out))
         return 0
@@ -246,6 +295,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         print(
             f"--- sample {i}: {s['length']} tokens, stop: {s['stop_reason']}, {s['nfe']} NFEs, {s['tokens_per_s']:.1f} tokens/s"
         )
+        if s["stop_reason"] == "eos" and s["length"] <= 1:
+            print(
+                "(stopped at EOS after 0 tokens: the model ended the document immediately; "
+                "use --ignore-eos or --prompt)"
+            )
         print(s["text"])
     how = "AR, next-token" if autoregressive else f"L'={config.block_size}, {config.sampler}, T={config.steps}"
     cache = "KV cache" if config.kv_cache else "no KV cache"
@@ -254,6 +308,27 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         f"({result.tokens_per_s:.1f} tokens/s); {how}; {cache}, window {result.window.size} (keep {result.window.keep})"
     )
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from sad3_megatron.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out_dir, not args.no_ema, args.dtype, args.max_shard_size)
+    print(
+        f"sad3 export: {result.checkpoint} -> {result.out_dir} ({result.bytes / 2**20:.1f} MiB, "
+        f"{len(result.files)} files, {result.seconds:.1f} s)"
+    )
+    return 0
+
+
+def _add_export_command(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as a HuggingFace transformers model directory")
+    p.add_argument("checkpoint", help="a run directory or one of its checkpoints/step_* directories")
+    p.add_argument("out_dir", help="the directory to write (new, empty, or an earlier export)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16")
+    p.add_argument("--max-shard-size", default="5GB", help="largest weights file before sharding (default 5GB)")
+    p.set_defaults(func=_cmd_export)
 
 
 def _cmd_eval_samples(args: argparse.Namespace) -> int:
@@ -295,13 +370,38 @@ def _cmd_eval_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from sad3_megatron.evaluation.plots import plot_curves, read_run
+
+    labels = args.labels or []
+    if labels and len(labels) != len(args.runs):
+        raise Sad3Error(f"--labels needs one label per run ({len(args.runs)}), got {len(labels)}")
+    runs = [read_run(run, labels[i] if labels else None) for i, run in enumerate(args.runs)]
+    print(f"sad3 plot: {len(runs)} run(s) -> {plot_curves(runs, args.out, args.title)}")
+    return 0
+
+
+def _add_plot_command(sub) -> None:
+    p = sub.add_parser("plot", help="PNG of training loss and held-out bound against tokens for runs")
+    p.add_argument("runs", nargs="+", help="run directories (or their metrics.jsonl)")
+    p.add_argument("--out", default="curves.png", help="PNG to write (default curves.png)")
+    p.add_argument("--labels", nargs="+", default=None, help="legend labels, one per run (default: directory names)")
+    p.add_argument("--title", default="", help="figure title")
+    p.set_defaults(func=_cmd_plot)
+
+
 def _add_sampling_commands(sub) -> None:
     p = sub.add_parser("sample", help="generate samples from a checkpoint (Alg. 2; AR baseline: next-token)")
-    p.add_argument("checkpoint", help="a run directory or one of its checkpoints/step_* directories")
-    p.add_argument("--num-tokens", type=int, default=None, help="token budget per sample (default: the model's L)")
+    p.add_argument("checkpoint", help="a run directory, one of its checkpoints/step_*, or a `sad3 export` directory")
+    p.add_argument(
+        "--num-tokens", type=int, default=None, help="token budget per sample (default: L - prompt: BOS + sample = L)"
+    )
     p.add_argument("--block-size", type=int, default=None, help="L' (default: the checkpoint's; must divide L)")
     p.add_argument("--steps", type=int, default=1000, help="T, diffusion steps per block (default 1000)")
-    p.add_argument("--sampler", default="ancestral", help="ancestral (default), first_hitting or confident")
+    p.add_argument(
+        "--sampler", default=None,
+        help="ancestral (default), first_hitting, confident, or euler (SEDD's; the default for SEDD checkpoints)",
+    )  # fmt: skip
     p.add_argument("--threshold", type=float, default=0.9, help="confident: commit tokens this likely (default 0.9)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
@@ -310,12 +410,19 @@ def _add_sampling_commands(sub) -> None:
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the context at every step (reference)")
     p.add_argument("--window", type=int, default=None, help="most context tokens a block sees (default L - L')")
     p.add_argument("--window-keep", type=int, default=None, help="tokens kept when the window slides (default half)")
+    p.add_argument(
+        "--sliding", default="halving", help="halving (default: keep half the window) or exact (re-encode per block)"
+    )
     p.add_argument("--prompt", default=None, help="text to continue (default: start from BOS)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS (fixed-length samples)")
     p.add_argument(
-        "--min-entropy", type=float, default=1.5, help="stop when recent unigram entropy falls below (nats; 0: off)"
-    )
-    p.add_argument("--entropy-window", type=int, default=64, help="recent tokens the entropy is measured on")
+        "--stop-rule", default="paper",
+        help="paper (default, Table 6: last 256 tokens under 4 nats rejects a fixed-length sample, truncates a "
+        "variable-length one) or sad3 (last 64 under 1.5 nats: stop and keep)",
+    )  # fmt: skip
+    p.add_argument("--min-entropy", type=float, default=None, help="entropy floor, nats (0: off; default: the rule's)")
+    p.add_argument("--entropy-window", type=int, default=None, help="tokens it is measured on (default: the rule's)")
+    p.add_argument("--max-redraws", type=int, default=10, help="redraws of a rejected sample (default 10)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON to this file (input of eval-samples)")
@@ -332,6 +439,36 @@ def _add_sampling_commands(sub) -> None:
     p.add_argument("--stride", type=int, default=512, help="evaluator window stride (default 512)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_eval_samples)
+
+
+def _add_variance_command(sub) -> None:
+    p = sub.add_parser("variance", help="Var. ELBO and gradient variance (Eq. 9) per noise schedule and L' (Table 7)")
+    p.add_argument("checkpoint", help="a run directory or one of its checkpoints/step_* directories")
+    p.add_argument("--block-size", default=None, help="L' values, comma-separated (default: the checkpoint's)")
+    p.add_argument(
+        "--schedules", default=None,
+        help="comma-separated NAME[:LO:HI][@MASKING], e.g. linear,clipped:0.3:0.8,cosine (default: the checkpoint's)",
+    )  # fmt: skip
+    p.add_argument("--batches", type=int, default=8, help="M, independent minibatches (default 8)")
+    p.add_argument("--batch-size", type=int, default=16, help="K, sequences per minibatch (default 16)")
+    p.add_argument("--parameters", default="", help="gradient variance over parameters whose name contains this")
+    p.add_argument("--no-grad", action="store_true", help="Var. ELBO only (no backward passes)")
+    p.add_argument("--t-floor", type=float, default=None, help="smallest t drawn (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write the variances by clip range and L' to this PNG")
+    p.set_defaults(func=_cmd_variance)
+
+
+def _cmd_variance(args: argparse.Namespace) -> int:
+    from sad3_megatron.evaluation.variance_report import as_json, measure, plot, table
+
+    rows = measure(args)
+    if args.plot:
+        plot(rows, args.plot)
+    print(json.dumps(as_json(args.checkpoint, rows)) if args.json else table(rows))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="NELBO / PPL bound of a checkpoint on text files or a zero-shot set")
-    p.add_argument("checkpoint", help="a run directory or one of its checkpoints/step_* directories")
+    p.add_argument("checkpoint", help="a run directory, one of its checkpoints/step_*, or a `sad3 export` directory")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", nargs="+", help="text files or globs to evaluate on")
     source.add_argument("--split", choices=["val"], help="the held-out split of the checkpoint's own training data")
@@ -369,7 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="local copy of the --zero-shot set (saved dataset directory or files): no hub access",
     )
     p.add_argument("--block-size", type=int, default=None, help="L' to evaluate with (default: the checkpoint's)")
-    p.add_argument("--draws", type=int, default=8, help="Monte-Carlo draws of t per sequence (default 8)")
+    p.add_argument("--draws", type=int, default=8, help="Monte-Carlo draws of the noise per sequence (default 8)")
+    p.add_argument(
+        "--t-floor", type=float, default=None,
+        help="the paper's estimator: Bernoulli masks with t ~ U[T_FLOOR, 1] (MDLM: 1e-3); default: t integrated out",
+    )  # fmt: skip
+    p.add_argument(
+        "--discrete-steps", type=int, default=0, metavar="T", help="score with the T-step D3PM NELBO (Eq. 3) instead"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-sequences", type=int, default=0, help="evaluate only the first N sequences (0 = all)")
     p.add_argument("--seed", type=int, default=0)
@@ -396,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_data_prepare)
 
     _add_sampling_commands(sub)
+    _add_plot_command(sub)
+    _add_export_command(sub)
+    _add_variance_command(sub)
     return parser
 
 

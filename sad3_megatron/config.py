@@ -41,18 +41,26 @@ class ModelConfig:
     seq_len: int = 128
     attention_backend: str = "auto"
     rotary_base: float = 10000.0
+    loss_chunk_tokens: int = 0  # > 0: output-layer loss in chunks of this many tokens, never whole logits
 
 
 @dataclass
 class DiffusionConfig:
     """The objective. `sad3` with block_size = seq_len is MDLM; block_size 1 + full masking is AR (Suppl. B)."""
 
-    objective: str = "sad3"  # sad3 | ar (plain next-token baseline on the same model)
+    objective: str = "sad3"  # sad3 | ar (plain next-token baseline on the same model) | sedd (score entropy, L' = L)
+    ar_random_tokens: bool = False  # ar: loss on a random ~half of the tokens (Table 1's "AR + random batch size")
     block_size: int = 4
     schedule: str = "clipped"  # linear | cosine | log | sqrt | square | clipped
     beta: float = 0.3  # clipped schedule: mask rates ~ U[beta, omega] (Sec. 5.2)
     omega: float = 0.8
     antithetic: bool = True
+    masking: str = "bernoulli"  # bernoulli | resample (reference code's realised rate in [beta, omega]) | count
+    t_floor: float = 1e-3  # smallest t drawn in training (MDLM's; keeps the 1/t weight's variance finite)
+    schedule_search: str = "off"  # off | elbo | grad: pick (beta, omega) of least variance at each evaluation
+    search_batches: int = 100  # held-out micro-batches the search scores (the reference code's 100)
+    search_grid: str = "reference"  # reference (widths .5-.9, starts every .05, + (1e-3, 1)) | "B:W,B:W,..."
+    search_parameters: str = ""  # grad search: only parameters whose name contains this ("" = all)
 
 
 @dataclass
@@ -64,6 +72,7 @@ class DataConfig:
     min_val_sequences: int = 8
     recipe: str = ""  # a data recipe YAML (configs/data/*.yaml) or a prepared directory; replaces train_files
     packing: str = "wrap"  # wrap (concatenate and wrap, Suppl. F) | document (also yield per-token document ids)
+    framing: str = "rows"  # rows: [BOS] chunk [EOS], EOS after each document (MDLM) | documents: [BOS] doc [EOS]
     cache_dir: str = ""  # where data is prepared on the fly ("" = $SAD3_DATA_CACHE or ~/.cache/sad3/data)
 
 
@@ -83,6 +92,8 @@ class TrainConfig:
     ema_decay: float = 0.9999  # 0 disables EMA
     precision: str = "auto"  # auto (bf16 where supported, else fp32) | fp32 | bf16
     fp8: bool = False  # fp8 GEMMs in the transformer layers' linears (Hopper/Ada GPUs); see model/fp8.py
+    activation_checkpointing: str = "none"  # none | selective | full; see model/activation_checkpointing.py
+    compile: bool = False  # torch.compile each transformer layer; see model/compile.py
     log_interval: int = 10
     eval_interval: int = 250
     eval_batches: int = 8
@@ -95,6 +106,8 @@ class TrainConfig:
     init_from: str = ""  # a checkpoint whose weights start this run (stage 2 of the recipe); fresh optimizer
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look the GPU up (unknown on CPU: MFU not reported)
     wandb: str = "off"  # off | offline | online
+    nonfinite_guard: bool = True  # skip an optimizer step whose loss or gradient norm is not finite (any rank)
+    max_skipped_steps: int = 10  # stop the run after this many consecutive skipped steps
 
 
 @dataclass
@@ -256,19 +269,36 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise Sad3Error(f"model.seq_len must be positive, got {m.seq_len}")
     if m.attention_backend not in BACKENDS:
         raise Sad3Error(f"unknown model.attention_backend {m.attention_backend!r}: choose one of {', '.join(BACKENDS)}")
+    if m.loss_chunk_tokens < 0:
+        raise Sad3Error(f"model.loss_chunk_tokens must be 0 (whole logits) or positive, got {m.loss_chunk_tokens}")
+    if m.loss_chunk_tokens and p.pipeline_parallel > 1:
+        raise Sad3Error("model.loss_chunk_tokens is not used by pipeline stages: set it to 0 with parallel.pipeline_parallel > 1")
     if not 0.0 <= m.dropout < 1.0:
         raise Sad3Error(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if d.objective not in ("sad3", "ar"):
-        raise Sad3Error(f"unknown diffusion.objective {d.objective!r}: choose sad3 or ar")
+    if d.objective not in ("sad3", "ar", "sedd"):
+        raise Sad3Error(f"unknown diffusion.objective {d.objective!r}: choose sad3, ar or sedd")
+    if d.objective == "sedd" and d.block_size != m.seq_len:
+        raise Sad3Error(f"diffusion.objective=sedd is one block (L' = L): set diffusion.block_size={m.seq_len}")
+    if d.objective == "sedd" and (p.pipeline_parallel > 1 or p.sequence_parallel):
+        raise Sad3Error(
+            "diffusion.objective=sedd reads full-vocabulary logits: use parallel.pipeline_parallel=1, no sequence_parallel"
+        )
+    if d.ar_random_tokens and d.objective != "ar":
+        raise Sad3Error("diffusion.ar_random_tokens applies to diffusion.objective=ar only")
     if d.block_size < 1 or m.seq_len % d.block_size:
         raise Sad3Error(
             f"diffusion.block_size={d.block_size} does not divide model.seq_len={m.seq_len}: pick a divisor of the context length"
         )
-    make_schedule(d.schedule, d.beta, d.omega)
+    make_schedule(d.schedule, d.beta, d.omega, d.t_floor, d.masking)
+    _validate_search(cfg)
     if t.lr_schedule not in ("constant", "cosine"):
         raise Sad3Error(f"unknown train.lr_schedule {t.lr_schedule!r}: choose constant or cosine")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise Sad3Error(f"unknown train.precision {t.precision!r}: choose auto, fp32 or bf16")
+    if t.activation_checkpointing not in ("none", "selective", "full"):
+        raise Sad3Error(
+            f"unknown train.activation_checkpointing {t.activation_checkpointing!r}: choose none, selective or full"
+        )
     if t.wandb not in ("off", "offline", "online"):
         raise Sad3Error(f"unknown train.wandb {t.wandb!r}: choose off, offline or online")
     if t.global_batch_size < 0:
@@ -284,6 +314,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         "save_interval",
         "keep_last",
         "eval_batches",
+        "max_skipped_steps",
     ):
         if getattr(t, key) < 1:
             raise Sad3Error(f"train.{key} must be at least 1, got {getattr(t, key)}")
@@ -295,6 +326,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise Sad3Error(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if cfg.data.packing not in ("wrap", "document"):
         raise Sad3Error(f"unknown data.packing {cfg.data.packing!r}: choose wrap or document")
+    if cfg.data.framing not in ("rows", "documents"):
+        raise Sad3Error(f"unknown data.framing {cfg.data.framing!r}: choose rows or documents")
+    if cfg.data.framing == "rows" and m.seq_len < 3:
+        raise Sad3Error(f"data.framing=rows needs model.seq_len >= 3 ([BOS] chunk [EOS]), got {m.seq_len}")
     if p.zero_stage not in (0, 1, 2, 3):
         raise Sad3Error(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     if p.tensor_parallel < 1 or p.pipeline_parallel < 1:
@@ -329,6 +364,32 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             )
     elif check_files:
         resolve_data_files(cfg.data.train_files)
+
+
+def _validate_search(cfg: Config) -> None:
+    """diffusion.schedule_search and its keys (Sec. 5.3): what the search needs to run."""
+    d, p = cfg.diffusion, cfg.parallel
+    if d.schedule_search not in ("off", "elbo", "grad"):
+        raise Sad3Error(f"unknown diffusion.schedule_search {d.schedule_search!r}: choose off, elbo or grad")
+    if d.search_batches < 1 or (d.schedule_search == "grad" and d.search_batches < 2):
+        raise Sad3Error(f"diffusion.search_batches must be at least 1 (2 for grad), got {d.search_batches}")
+    from sad3_megatron.engine.schedule_search import parse_grid
+
+    parse_grid(d.search_grid, d.block_size)
+    if d.schedule_search == "off":
+        return
+    if d.objective == "ar":
+        raise Sad3Error("diffusion.schedule_search tunes the diffusion noise: set it off for diffusion.objective=ar")
+    if d.masking == "count":
+        raise Sad3Error("diffusion.schedule_search picks clipped ranges: use diffusion.masking=bernoulli or resample")
+    if p.pipeline_parallel > 1:
+        raise Sad3Error(
+            "diffusion.schedule_search scores whole models: set parallel.pipeline_parallel=1 or the search off"
+        )
+    if d.schedule_search == "grad" and (p.tensor_parallel > 1 or p.zero_stage == 3):
+        raise Sad3Error(
+            "diffusion.schedule_search=grad needs whole gradients on each rank (tensor_parallel=1, zero_stage<3): use elbo"
+        )
 
 
 def resolved_model_sizes(m: ModelConfig) -> dict[str, int]:

@@ -87,7 +87,7 @@ def test_a_document_longer_than_the_context_is_wrapped_not_truncated(tmp_path, g
     long = " ".join(f"word{i}" for i in range(300))
     (tmp_path / "long.txt").write_text(f"short one\n\n{long}\n\nshort two\n")
     result = prepare(recipe(tmp_path, tmp_path / "long.txt"), gpt2)
-    packed = packed_split(open_prepared(result.root), "train", 64)
+    packed = packed_split(open_prepared(result.root), "train", 64, framing="documents")
     stats = packed.stats
     assert stats.documents_longer_than_context == 1
     stream = [t for text in ("short one", long, "short two") for t in (*gpt2.encode(text), gpt2.eos_id)]

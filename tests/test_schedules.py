@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sad3_megatron.diffusion import SCHEDULES, make_schedule, mask_blocks
+from sad3_megatron.diffusion import SCHEDULES, make_schedule, mask_blocks, parse_schedule
 from sad3_megatron.errors import Sad3Error
 
 
@@ -59,8 +59,74 @@ def test_mask_rate_matches_schedule_empirically():
         (("clipped", 0.8, 0.3), "beta <= omega"),
         (("clipped", -0.1, 0.5), "0 <= beta"),
         (("warp",), "unknown noise schedule"),
+        (("cosine", 0.0, 1.0, 0.0, "count"), "integrates t out"),
+        (("linear", 0.0, 1.0, 0.0, "stratified"), "unknown masking"),
+        (("linear", 0.0, 1.0, 1.0), "t floor"),
     ],
 )
 def test_bad_schedules_are_rejected(args, message):
     with pytest.raises(Sad3Error, match=message):
         make_schedule(*args)
+
+
+def test_training_floor_bounds_t_and_the_weight():
+    schedule = make_schedule("linear", t_floor=1e-3)
+    t = schedule.sample_t((100_000,), torch.Generator().manual_seed(0))
+    assert t.min() > 1e-3 and schedule.loss_weight(t).max() < 1000
+    assert make_schedule("clipped", 0.0, 0.5, t_floor=1e-3).t_min == 1e-3  # as the reference clamps its grid
+
+
+def rejection_counts(n, beta, omega, t, rng):
+    """The reference code's loop, written out for one block: redraw Bernoulli(t) masks until k/n ∈ [β, ω]."""
+    while True:
+        k = int((torch.rand(n, generator=rng) < t).sum())
+        if beta <= k / n <= omega:
+            return k
+
+
+def test_resampling_draws_the_realised_rate_of_the_reference_loop():
+    """One closed-form draw per block (no loop, no host sync) gives the distribution of masked counts of
+    the reference code's rejection loop, with t ~ U[β, ω] and k/n kept in [β, ω]."""
+    n, beta, omega, draws = 8, 0.3, 0.8, 8000
+    rng = torch.Generator().manual_seed(0)
+    loop = [
+        rejection_counts(n, beta, omega, beta + (omega - beta) * torch.rand((), generator=rng).item(), rng)
+        for _ in range(draws)
+    ]
+    schedule = make_schedule("clipped", beta, omega, masking="resample")
+    noised = mask_blocks(torch.zeros(draws // 4, 4 * n, dtype=torch.long), n, schedule, 1, rng)
+    closed = noised.masked.view(-1, n).sum(-1)
+    assert closed.min() >= 3 and closed.max() <= 6  # k/n ∈ [0.3, 0.8] ⇔ k ∈ {3..6}
+    want = torch.bincount(torch.tensor(loop), minlength=n + 1).double() / draws
+    got = torch.bincount(closed, minlength=n + 1).double() / draws
+    assert ((got - want).abs() <= 0.035).all()
+
+
+def test_count_masking_draws_uniform_counts_with_weight_n_over_k():
+    schedule = parse_schedule("linear@count")
+    noised = mask_blocks(torch.zeros(2000, 16, dtype=torch.long), 4, schedule, 1, torch.Generator().manual_seed(0))
+    k = noised.masked.view(-1, 4).sum(-1)
+    assert torch.bincount(k, minlength=5)[0] == 0
+    assert (torch.bincount(k, minlength=5)[1:] == 2000).all()  # stratified over the 8000 blocks: exactly uniform
+    assert torch.equal(noised.weight.view(-1, 4)[:, 0], 4.0 / k)
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("clipped:0.3:0.8", ("clipped", 0.3, 0.8, "bernoulli")),
+        ("linear", ("linear", 0.0, 1.0, "bernoulli")),
+        ("linear:0.001:1", ("linear", 0.001, 1.0, "bernoulli")),
+        ("clipped:0.45:0.95@resample", ("clipped", 0.45, 0.95, "resample")),
+        ("linear@count", ("linear", 0.0, 1.0, "count")),
+    ],
+)
+def test_schedule_specs(spec, expected):
+    s = parse_schedule(spec)
+    assert (s.name, s.t_min, s.t_max, s.masking) == expected
+
+
+@pytest.mark.parametrize("spec", ["clipped", "clipped:0.3", "linear:a:b", "cosine@count", "linear:0.1:1@count"])
+def test_bad_schedule_specs_are_rejected(spec):
+    with pytest.raises(Sad3Error):
+        parse_schedule(spec)

@@ -32,6 +32,7 @@ class CorpusStats:
     fingerprint: str
     tokenizer: str
     packing: str
+    framing: str
     documents: int
     tokens: int
     skipped: dict
@@ -91,10 +92,14 @@ def resolve_source(recipe: str, train_files: list[str], tokenizer: str, val_frac
     )
 
 
-def packed_split(prepared: PreparedData, split: str, seq_len: int, document_ids: bool = False) -> PackedSequences:
+def packed_split(
+    prepared: PreparedData, split: str, seq_len: int, document_ids: bool = False, framing: str = "rows"
+) -> PackedSequences:
     documents = prepared.split(split)
     tok = prepared.manifest["tokenizer"]
-    return PackedSequences(documents.parts, documents.lengths, seq_len, tok["bos_id"], tok["eos_id"], document_ids)
+    return PackedSequences(
+        documents.parts, documents.lengths, seq_len, tok["bos_id"], tok["eos_id"], document_ids, framing
+    )
 
 
 def load_corpus(data: DataConfig, tokenizer: Tokenizer, seq_len: int) -> Corpus:
@@ -109,8 +114,8 @@ def load_corpus(data: DataConfig, tokenizer: Tokenizer, seq_len: int) -> Corpus:
             f"the data in {str(prepared.root)!r} holds no text ({manifest['skipped']}): point data.train_files or data.recipe at a non-empty corpus"
         )
     by_document = data.packing == "document"
-    train = packed_split(prepared, "train", seq_len, by_document)
-    val = packed_split(prepared, "validation", seq_len, by_document)
+    train = packed_split(prepared, "train", seq_len, by_document, data.framing)
+    val = packed_split(prepared, "validation", seq_len, by_document, data.framing)
     if len(train) == 0:
         raise Sad3Error(
             f"the training split has {train.stats.tokens} tokens, too few for one sequence of {seq_len}: add text or lower model.seq_len"
@@ -124,6 +129,7 @@ def load_corpus(data: DataConfig, tokenizer: Tokenizer, seq_len: int) -> Corpus:
         fingerprint=manifest["fingerprint"],
         tokenizer=manifest["tokenizer"]["name"],
         packing=data.packing,
+        framing=data.framing,
         documents=manifest["documents"],
         tokens=manifest["tokens"],
         skipped=manifest["skipped"],
@@ -140,9 +146,10 @@ def load_eval_sequences(
     zero_shot: str | None = None,
     zero_shot_path: str | None = None,
     cache_dir: str | Path | None = None,
+    framing: str = "rows",
 ) -> PackedSequences:
     """Every document of `files` (paragraphs), or zero-shot set `zero_shot` (hub, or `zero_shot_path` offline),
-    prepared with the model's tokenizer and packed like the training data."""
+    prepared with the model's tokenizer and packed like the training data (`framing`: the model's data.framing)."""
     if zero_shot:
         recipe = zero_shot_recipe(zero_shot, tokenizer.name, zero_shot_path)
     elif files:
@@ -150,7 +157,7 @@ def load_eval_sequences(
         recipe = files_recipe(files, tokenizer.name, None, name="eval-files")
     else:
         raise Sad3Error("nothing to evaluate on: give files or a zero-shot set")
-    sequences = packed_split(prepared_data(recipe, tokenizer, cache_dir), "validation", seq_len)
+    sequences = packed_split(prepared_data(recipe, tokenizer, cache_dir), "validation", seq_len, framing=framing)
     if len(sequences) == 0:
         raise Sad3Error(
             f"{zero_shot or files} holds {sequences.stats.tokens} tokens, fewer than one sequence of {seq_len}: give more text"

@@ -1,6 +1,14 @@
-"""Concatenate-and-wrap (Suppl. F): documents framed as [BOS] doc [EOS] — one separator when BOS = EOS, as for
-GPT-2 — laid end to end and cut into rows of L tokens, no padding, no truncation. A document longer than L simply
-continues in the next row. The final partial row is not used and its tokens are counted.
+"""Concatenate-and-wrap (Suppl. F), in one of two framings, no padding, no truncation:
+
+- `rows` (the default; MDLM's and the paper's, bd3lms `_group_texts` with `insert_eos`): every document is
+  followed by EOS, the documents are laid end to end, the stream is cut into chunks of L - 2 tokens and every
+  row is `[BOS] chunk [EOS]`. Position 0 of every row is the BOS, which the objectives keep as clean,
+  unscored context; the row-final EOS is a target like any token.
+- `documents`: documents framed as [BOS] doc [EOS] — one separator when BOS = EOS, as for GPT-2 — laid end to end
+  and cut into rows of L tokens.
+
+A document longer than a row simply continues in the next row. The final partial row is not used and its tokens
+are counted.
 
 Rows are assembled on demand from the shards' flat token arrays (memory-mapped), so a corpus of any size costs
 one int64 per document in memory. With `document_ids=True` each row also carries, per position, the index of the
@@ -23,8 +31,10 @@ class PackingStats:
     tokens: int  # document tokens, separators excluded
     separators: int  # BOS/EOS tokens added between documents
     rows: int
-    tail_tokens: int  # tokens of the final partial row (not used; counted, not silently lost)
-    documents_longer_than_context: int  # framed length > L: spread over several rows, nothing truncated
+    tail_tokens: int  # tokens of the stream's final partial row (not used; counted, not silently lost)
+    documents_longer_than_context: int  # framed length > a row's content: spread over several rows
+    framing: str = "documents"
+    row_specials: int = 0  # `rows` framing: the BOS and EOS that open and close every row
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,27 +58,34 @@ class PackedSequences:
         bos: int,
         eos: int,
         document_ids: bool = False,
+        framing: str = "rows",
     ):
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        if framing not in ("rows", "documents"):
+            raise ValueError(f"framing must be rows or documents, got {framing!r}")
+        if seq_len < (3 if framing == "rows" else 1):
+            raise ValueError(f"seq_len {seq_len} too short for framing {framing!r}")
         self.seq_len, self.bos, self.eos, self.document_ids = seq_len, bos, eos, document_ids
+        self.framing = framing
+        self._content = seq_len - 2 if framing == "rows" else seq_len  # stream tokens per row
         self._parts = list(parts)
         self._part_starts = np.concatenate([[0], np.cumsum([len(p) for p in self._parts])]).astype(np.int64)
         doc_lengths = np.concatenate([np.asarray(x, np.int64) for x in lengths]) if lengths else np.zeros(0, np.int64)
         if doc_lengths.sum() != self._part_starts[-1]:
             raise ValueError("document lengths do not add up to the tokens given")
-        self._k = 1 if bos == eos else 2  # separators per document
-        # _frame_starts[d]: where document d's frame ([BOS] tokens EOS) starts in the packed stream.
+        self._k = 1 if bos == eos or framing == "rows" else 2  # separators per document
+        # _frame_starts[d]: where document d's frame ([BOS] tokens EOS, or tokens EOS) starts in the stream.
         self._frame_starts = np.concatenate([[0], np.cumsum(doc_lengths + self._k)]).astype(np.int64)
-        total = int(self._frame_starts[-1])
+        total, width = int(self._frame_starts[-1]), self._content
         self.stats = PackingStats(
             seq_len=seq_len,
             documents=len(doc_lengths),
             tokens=int(doc_lengths.sum()),
             separators=self._k * len(doc_lengths),
-            rows=total // seq_len,
-            tail_tokens=total % seq_len,
-            documents_longer_than_context=int(((doc_lengths + self._k) > seq_len).sum()),
+            rows=total // width,
+            tail_tokens=total % width,
+            documents_longer_than_context=int(((doc_lengths + self._k) > width).sum()),
+            framing=framing,
+            row_specials=2 * (total // width) if framing == "rows" else 0,
         )
 
     def __len__(self) -> int:
@@ -104,8 +121,16 @@ class PackedSequences:
         return out
 
     def batch(self, index) -> Batch:
-        rows = self._rows(index)
-        b, L, k, V = len(rows), self.seq_len, self._k, self._frame_starts
+        tokens, docs = self._stream_window(self._rows(index))
+        if self.framing == "rows":  # [BOS] chunk [EOS]; the specials belong to the chunk's first / last document
+            b = len(tokens)
+            tokens = np.hstack([np.full((b, 1), self.bos), tokens, np.full((b, 1), self.eos)])
+            docs = np.hstack([docs[:, :1], docs, docs[:, -1:]])
+        return Batch(tokens, docs if self.document_ids else None)
+
+    def _stream_window(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The stream tokens of `rows` [b, content] and, per position, its document counted from 0 in the row."""
+        b, L, k, V = len(rows), self._content, self._k, self._frame_starts
         starts = rows * L
         first = np.searchsorted(V, starts, side="right") - 1  # document at each row's first position
         last = np.searchsorted(V, starts + L - 1, side="right") - 1
@@ -130,13 +155,18 @@ class PackedSequences:
         # of earlier documents) plus the offset past its BOS.
         flat = V[docs] - k * docs + offset - (k - 1)
         tokens[inner] = self._gather(flat[inner])
-        return Batch(tokens, docs - first[:, None] if self.document_ids else None)
+        return tokens, docs - first[:, None]
 
 
 def pack_documents(
-    documents: Sequence[Sequence[int]], seq_len: int, bos: int, eos: int, document_ids: bool = False
+    documents: Sequence[Sequence[int]],
+    seq_len: int,
+    bos: int,
+    eos: int,
+    document_ids: bool = False,
+    framing: str = "rows",
 ) -> PackedSequences:
     """Pack token lists held in memory (tests, small evaluation sets) exactly as shards are packed."""
     lengths = np.array([len(d) for d in documents], np.int64)
     flat = np.fromiter((t for d in documents for t in d), np.int64, count=int(lengths.sum()))
-    return PackedSequences([flat], [lengths], seq_len, bos, eos, document_ids)
+    return PackedSequences([flat], [lengths], seq_len, bos, eos, document_ids, framing)

@@ -58,6 +58,18 @@ class Tokenizer:
         }
 
 
+def tokenizer_from_directory(path: str | Path) -> PreTrainedTokenizerFast:
+    """A local tokenizer directory, by the class its tokenizer_config.json names. AutoTokenizer would
+    first read the directory's config.json, which for a sad3 export names remote code, and ask whether
+    to trust it; the tokenizer itself is a standard class and needs none."""
+    import transformers
+
+    config = Path(path) / "tokenizer_config.json"
+    name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    cls = getattr(transformers, name, None) if name else None
+    return (cls or AutoTokenizer).from_pretrained(str(path), local_files_only=True)
+
+
 def load_tokenizer(name: str) -> Tokenizer:
     """A bundled tokenizer by name, or a local HuggingFace tokenizer directory."""
     if name == "bert-base-uncased":
@@ -71,7 +83,7 @@ def load_tokenizer(name: str) -> Tokenizer:
     path = Path(name)
     if not path.is_dir():
         raise Sad3Error(f"tokenizer {name!r} is neither bundled ({', '.join(BUNDLED)}) nor a local tokenizer directory")
-    hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    hf = tokenizer_from_directory(path)
     mask = hf.mask_token_id if hf.mask_token_id is not None else len(hf)
     eos = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
     bos = hf.bos_token_id if hf.bos_token_id is not None else (hf.cls_token_id if hf.cls_token_id is not None else eos)

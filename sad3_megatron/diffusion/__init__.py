@@ -13,10 +13,20 @@ from sad3_megatron.hf.objective import (
     loss_terms,
     token_weights,
 )
-from sad3_megatron.hf.schedules import SCHEDULES, NoiseSchedule, evaluation_schedule, make_schedule
+from sad3_megatron.hf.schedules import (
+    MASKINGS,
+    SCHEDULES,
+    T_FLOOR,
+    NoiseSchedule,
+    evaluation_schedule,
+    make_schedule,
+    parse_schedule,
+)
 
 __all__ = [
+    "MASKINGS",
     "SCHEDULES",
+    "T_FLOOR",
     "AutoregressiveObjective",
     "BlockDiffusionObjective",
     "LossTerms",
@@ -27,6 +37,7 @@ __all__ = [
     "build_objective",
     "evaluation_schedule",
     "make_schedule",
+    "parse_schedule",
     "mask_blocks",
     "per_token",
     "token_weights",

@@ -157,6 +157,6 @@ def pipeline_bound(
             loss = engine.eval_batch(iter([batch]), num_micro_batches=1)
         losses.append(float(loss))
     mean = sum(losses) / len(losses)
-    tokens = usable * objective.num_outputs
+    tokens = usable * objective.scored_per_row
     block = None if exact else objective.block_size
     return BoundEstimate(mean, 0.0, math.exp(mean), 0.0, 1, tokens, usable, block, exact)

@@ -51,9 +51,10 @@ def load_evaluator(path: str | Path, device: torch.device | str = "cpu"):
     """(model, tokenizer) of a local causal-LM directory, in eval mode. A `sad3 export` of the AR
     baseline loads with the package's own classes (no remote code); a sad3 AR checkpoint is exported
     to a temporary directory first, so every evaluator is scored through the same HF interface."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from sad3_megatron.data.tokenizers import tokenizer_from_directory
     from sad3_megatron.engine.build import is_export
 
     hf_logging.disable_progress_bar()  # a local load is quick; keep the CLI output to its result
@@ -77,7 +78,7 @@ def load_evaluator(path: str | Path, device: torch.device | str = "cpu"):
     else:
         loader = AutoModelForCausalLM
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = tokenizer_from_directory(path)
         model = loader.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

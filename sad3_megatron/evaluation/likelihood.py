@@ -1,6 +1,11 @@
 """Likelihood evaluation: the NELBO of Eq. 7 under t ~ U[0, 1] with its Monte-Carlo standard error,
-and the exact NLL of the AR baseline. Reported per token; PPL = exp(per-token NELBO) is an upper
-bound on the true perplexity for diffusion models (Sec. 6)."""
+and the exact NLL of the AR baseline. Reported per scored token (position 0 of a row is context for
+both); PPL = exp(per-token NELBO) is an upper bound on the true perplexity for diffusion models (Sec. 6).
+
+The default estimator integrates t out (`evaluation_schedule()`, `count` masking in hf/schedules.py):
+the same bound as t ~ U[0, 1] with Bernoulli masks, unbiased and with finite variance, and exact (one
+pass, no Monte-Carlo error) at L' = 1. `schedule=evaluation_schedule(t_floor)` gives the paper's
+Monte-Carlo protocol instead (t ~ U[t_floor, 1], MDLM's t_floor = 1e-3)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from sad3_megatron.diffusion import AutoregressiveObjective, BlockDiffusionObjective, evaluation_schedule
+from sad3_megatron.diffusion import AutoregressiveObjective, BlockDiffusionObjective, NoiseSchedule, evaluation_schedule
 
 
 @dataclass
@@ -48,16 +53,19 @@ def estimate_bound(
     seed: int = 0,
     autocast_dtype: torch.dtype | None = None,
     max_sequences: int | None = None,
+    schedule: NoiseSchedule | None = None,
 ) -> BoundEstimate:
     """Average the per-token NELBO over `sequences` [n, L] (the first `max_sequences` when given),
-    repeated for `draws` independent draws of t ~ U[0, 1] per block; the spread across draws gives
-    the standard error. Rows packed by document keep their document ids."""
+    repeated for `draws` independent draws of the noise per block under `schedule` (default
+    `evaluation_schedule()`); the spread across draws gives the standard error. The AR baseline, and
+    L' = 1 under `count` masking, are exact: one draw. Rows packed by document keep their document ids."""
     count = len(sequences) if not max_sequences else min(max_sequences, len(sequences))
     was_training = model.training
     model.eval()
-    exact = isinstance(objective, AutoregressiveObjective)
+    autoregressive = isinstance(objective, AutoregressiveObjective)
+    schedule = None if autoregressive else (schedule or evaluation_schedule())
+    exact = autoregressive or (objective.block_size == 1 and schedule.masking == "count")
     draws = 1 if exact else draws
-    schedule = None if exact else evaluation_schedule()
     per_draw = []
     tokens = 0
     for k in range(draws):

@@ -4,6 +4,10 @@
 L' = L is MDLM, L' = 1 with the fully-masking schedule (clipped, β = ω = 1) equals the AR NLL
 (Suppl. B). `AutoregressiveObjective` is the plain next-token baseline on the same model.
 
+Both score the same tokens: position 0 of a row (its BOS in the paper's framing) is context only —
+never a target of the AR baseline, kept clean and unscored by the diffusion objective (the
+reference code's `ignore_bos`) — and every per-token value divides by the L - 1 scored tokens.
+
 The model is any callable with the interface of `model.SAD3Transformer.forward` (Eq. 6);
 nothing here imports DeepSpeed or megatron.
 """
@@ -26,9 +30,9 @@ class Denoiser(Protocol):
 
 @dataclass
 class LossTerms:
-    loss: torch.Tensor  # scalar to differentiate: NELBO (or NLL) per token of this batch
+    loss: torch.Tensor  # scalar to differentiate: NELBO (or NLL) per scored token of this batch
     nll_sum: torch.Tensor  # detached sum over tokens, for exact averaging across batches
-    num_tokens: int
+    num_tokens: int  # tokens scored (targets), the denominator of `loss`
 
 
 @dataclass
@@ -38,13 +42,16 @@ class TrainingPass:
 
     tokens: torch.Tensor  # [b, s] transformer input
     labels: torch.Tensor  # [b, n] targets of the first n positions
-    weights: torch.Tensor  # [b, n] per-token loss weights (0 where a token contributes nothing)
+    # [b, n] per-token loss weights (0 where a token contributes nothing), scaled by n / (tokens scored
+    # per row) so that their mean over [b, n] (the pipeline's loss) is the loss per scored token
+    weights: torch.Tensor
 
 
-def loss_terms(token_nll: torch.Tensor, weights: torch.Tensor) -> LossTerms:
-    """Eq. 8 per token: Σ weight × (-log p) / number of tokens."""
+def loss_terms(token_nll: torch.Tensor, weights: torch.Tensor, num_scored: int | None = None) -> LossTerms:
+    """Eq. 8 per token: Σ weight × (-log p) / number of tokens scored (default: all of them)."""
     terms = weights * token_nll
-    return LossTerms(terms.mean(), terms.detach().sum(), terms.numel())
+    scored = terms.numel() if num_scored is None else num_scored
+    return LossTerms(terms.sum() / scored, terms.detach().sum(), scored)
 
 
 def token_weights(noised: NoisedBatch) -> torch.Tensor:
@@ -56,12 +63,25 @@ def token_weights(noised: NoisedBatch) -> torch.Tensor:
 
 
 class BlockDiffusionObjective:
-    """L_SAR of Eq. 7/8, estimated with one time t_b per block (Alg. 1)."""
+    """L_SAR of Eq. 7/8, estimated with one time t_b per block (Alg. 1).
 
-    def __init__(self, seq_len: int, block_size: int, schedule: NoiseSchedule, mask_id: int, antithetic: bool = True):
+    `clean_prefix` leading positions of each row stay clean and unscored (1: the row's BOS, as the
+    paper's MDLM framing has it; 0 scores position 0 too, without any context)."""
+
+    def __init__(
+        self,
+        seq_len: int,
+        block_size: int,
+        schedule: NoiseSchedule,
+        mask_id: int,
+        antithetic: bool = True,
+        clean_prefix: int = 1,
+    ):
         self.seq_len, self.block_size = seq_len, block_size
         self.schedule, self.mask_id, self.antithetic = schedule, mask_id, antithetic
+        self.clean_prefix = clean_prefix
         self.num_outputs = seq_len
+        self.scored_per_row = seq_len - clean_prefix
         if block_size == seq_len:
             # One block (MDLM): nothing attends to the clean half, so it is left out; the mask is the
             # doubled mask's window over x_t alone, and the pass costs half as much.
@@ -74,7 +94,8 @@ class BlockDiffusionObjective:
     def noise(
         self, x: torch.Tensor, generator: torch.Generator | None, schedule: NoiseSchedule | None = None
     ) -> NoisedBatch:
-        return mask_blocks(x, self.block_size, schedule or self.schedule, self.mask_id, generator, self.antithetic)
+        schedule = schedule or self.schedule
+        return mask_blocks(x, self.block_size, schedule, self.mask_id, generator, self.antithetic, self.clean_prefix)
 
     def _tokens(self, x: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
         return noised.x_t if self.block_size == self.seq_len else torch.cat([noised.x_t, x], dim=1)
@@ -83,7 +104,7 @@ class BlockDiffusionObjective:
         self, x: torch.Tensor, generator: torch.Generator | None, schedule: NoiseSchedule | None = None
     ) -> TrainingPass:
         noised = self.noise(x, generator, schedule)
-        return TrainingPass(self._tokens(x, noised), x, token_weights(noised))
+        return TrainingPass(self._tokens(x, noised), x, token_weights(noised) * (self.seq_len / self.scored_per_row))
 
     def document_window(self, document_ids: torch.Tensor) -> torch.Tensor:
         """Document ids [b, L] → the labels of every key position of the training window."""
@@ -148,7 +169,7 @@ class BlockDiffusionObjective:
             nll = self.token_nll_naive(model, x, noised)
         else:
             nll = self.token_nll(model, x, noised, document_ids)
-        return loss_terms(nll, token_weights(noised))
+        return loss_terms(nll, token_weights(noised), x.shape[0] * self.scored_per_row)
 
 
 class AutoregressiveObjective:
@@ -156,7 +177,7 @@ class AutoregressiveObjective:
 
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
-        self.num_outputs = seq_len - 1
+        self.num_outputs = self.scored_per_row = seq_len - 1
         self.mask = AttentionMask.causal(seq_len - 1)
         self.positions = torch.arange(seq_len - 1)
 
@@ -174,16 +195,32 @@ class AutoregressiveObjective:
         document_ids: torch.Tensor | None = None,
         **_,
     ) -> LossTerms:
-        batch = self.training_pass(x)
+        batch = self.training_pass(x, generator)
         mask = self.mask if document_ids is None else DocumentMask(self.mask, self.document_window(document_ids))
         nll = model(batch.tokens, self.positions.to(x.device), mask, labels=batch.labels).token_nll
         return loss_terms(nll, batch.weights)
 
 
 def build_objective(
-    kind: str, seq_len: int, block_size: int, schedule: NoiseSchedule, mask_id: int, antithetic: bool = True
+    kind: str,
+    seq_len: int,
+    block_size: int,
+    schedule: NoiseSchedule,
+    mask_id: int,
+    antithetic: bool = True,
+    clean_prefix: int = 1,
+    ar_random_tokens: bool = False,
 ):
-    """The configured objective: `sad3` (any L', MDLM at L' = L) or `ar`."""
+    """The configured objective: `sad3` (any L', MDLM at L' = L), `ar` (with a random subset of loss
+    tokens when `ar_random_tokens`: Table 1's control, random_tokens.py) or `sedd` (sedd.py)."""
+    if kind == "ar" and ar_random_tokens:
+        from .random_tokens import RandomTokensAutoregressiveObjective  # subclasses this module's AR objective
+
+        return RandomTokensAutoregressiveObjective(seq_len)
     if kind == "ar":
         return AutoregressiveObjective(seq_len)
-    return BlockDiffusionObjective(seq_len, block_size, schedule, mask_id, antithetic)
+    if kind == "sedd":
+        from .sedd import ScoreEntropyObjective  # subclasses this module's objective
+
+        return ScoreEntropyObjective(seq_len, schedule, mask_id, antithetic, clean_prefix)
+    return BlockDiffusionObjective(seq_len, block_size, schedule, mask_id, antithetic, clean_prefix)

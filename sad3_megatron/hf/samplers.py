@@ -37,7 +37,7 @@ import torch
 
 from .distributions import draw_categorical, shape_probs
 
-SAMPLERS = ("ancestral", "first_hitting", "confident")
+SAMPLERS = ("ancestral", "first_hitting", "confident", "euler")  # euler: SEDD's (sedd.py)
 
 # x_θ over a subset of the block's rows: (row index or None for all rows, x_t rows) -> logits [r, L', V]
 Denoise = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
@@ -103,6 +103,10 @@ class ConfidentSampler:
 def make_sampler(name: str, steps: int, threshold: float = 0.9) -> ScheduledSampler | ConfidentSampler:
     if name == "confident":
         return ConfidentSampler(steps, threshold)
+    if name == "euler":  # SEDD's score-based sampler runs its own loop; imported here (sedd.py imports this module)
+        from .sedd import EulerSampler
+
+        return EulerSampler(steps)
     if name in SAMPLERS:
         return ScheduledSampler(name, steps)
     raise ValueError(f"unknown sampler {name!r}")
@@ -121,6 +125,8 @@ def denoise_block(
 
     Each loop iteration is one NFE for the rows that still have masked positions; rows are
     independent, so they advance in lockstep without waiting for each other."""
+    if hasattr(sampler, "denoise_block"):  # a sampler that reads the raw score, not p_θ (SEDD's Euler)
+        return sampler.denoise_block(x, todo, denoise, generator, temperature, top_p)
     x, todo = x.clone(), todo.clone()
     nfe = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     plan = sampler.plan(todo, generator)
