@@ -73,7 +73,6 @@ def test_a_too_short_split_is_refused_with_the_fix(tmp_path):
         load_corpus(cfg.data, tokenizer, cfg.model.seq_len)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="data/: an empty validation shard fails to mmap first")
 def test_a_corpus_too_short_for_one_sequence_is_refused(tmp_path):
     from sad3_megatron.data import load_corpus, load_tokenizer
 

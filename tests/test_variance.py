@@ -4,6 +4,7 @@ schedule search picking a known minimum, and DP = 2 (gloo) giving the single-pro
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -191,3 +192,61 @@ def test_variance_command_prints_rows_json_and_a_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["variance", str(run), "--schedules", "clipped"]) == 2
     assert "needs its range" in capsys.readouterr().err
+
+
+SEARCH_RUN = [
+    "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2", "model.ffn_hidden_size=64", "model.seq_len=32",
+    "train.micro_batch_size=4", "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=2",
+    "train.save_interval=2", "train.keep_last=5", "train.steps=6", "train.progress_bar=false", "train.warmup_steps=1",
+    "diffusion.schedule_search=elbo", "diffusion.search_batches=3",
+    "diffusion.search_grid=0.05:0.55,0.3:0.8,0.5:1.0",
+]  # fmt: skip
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_run_with_the_search_resumes_exactly_after_sigkill(tmp_path):
+    """The search's choices are training state: a run killed mid-way (after the step-4 checkpoint)
+    and resumed makes the same choices and the same losses as one that was never interrupted, and
+    every checkpoint's config records the schedule then in use (what eval, sample and export read)."""
+    import signal
+    import time
+
+    import yaml
+
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # this process's group, not theirs
+    env = {k: v for k, v in os.environ.items() if k not in launcher} | {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    sad3 = str(Path(sys.executable).parent / "sad3")
+
+    def command(out: Path) -> list[str]:
+        return [sad3, "train", "configs/demo.yaml", *SEARCH_RUN, f"run.out_dir={out}"]
+
+    def train(out: Path) -> None:
+        proc = subprocess.run(command(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    train(tmp_path / "straight")
+    victim = tmp_path / "killed"
+    proc = subprocess.Popen(command(victim), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (victim / "checkpoints" / "step_0000004" / "manifest.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before the kill"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (victim / "checkpoints" / "step_0000006").exists()  # it died mid-run
+    train(victim)
+
+    straight, resumed = records(tmp_path / "straight"), records(victim)
+    drop = {"elapsed", "tokens_per_s", "tflops_per_device", "mfu", "max_rss_gib", "max_gpu_mem_gib"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in straight
+    ]
+    choices = [(r["step"], r["search/beta"], r["search/omega"]) for r in straight if "search/beta" in r]
+    assert [step for step, *_ in choices] == [2, 4, 6]
+    for step, beta, omega in choices:
+        saved = yaml.safe_load((victim / "checkpoints" / f"step_{step:07d}" / "config.yaml").read_text())["diffusion"]
+        assert (saved["schedule"], saved["beta"], saved["omega"]) == ("clipped", beta, omega)

@@ -121,12 +121,13 @@ def read_shard(prefix: Path, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, document lengths) of one shard through megatron-core's reader; tokens stay memory-mapped."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    dataset = IndexedDataset(str(prefix), mmap=True)
+    bin_path = Path(str(prefix) + ".bin")
+    empty = bin_path.stat().st_size == 0  # a split too small to hold a token: an empty file cannot be mapped
+    dataset = IndexedDataset(str(prefix), mmap=not empty)
     lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
     if dataset.index.dtype != dtype.type:
         raise Sad3Error(f"shard {str(prefix)!r} stores {np.dtype(dataset.index.dtype)}, the manifest says {dtype}")
-    bin_path = Path(str(prefix) + ".bin")
-    if bin_path.stat().st_size == 0:
+    if empty:
         tokens = np.zeros(0, dtype)
     else:
         tokens = np.memmap(bin_path, dtype=dtype, mode="r")  # the same view megatron's mmap reader takes

@@ -159,4 +159,4 @@ def pipeline_bound(
     mean = sum(losses) / len(losses)
     tokens = usable * objective.scored_per_row
     block = None if exact else objective.block_size
-    return BoundEstimate(mean, 0.0, math.exp(mean), 0.0, 1, tokens, usable, block, exact)
+    return BoundEstimate(mean, 0.0, math.exp(mean) if mean < 700 else math.inf, 0.0, 1, tokens, usable, block, exact)

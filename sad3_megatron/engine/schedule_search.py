@@ -142,6 +142,8 @@ class ScheduleSearch:
                 f"the schedule search needs held-out batches of {self.batch_size} sequences, the split has {len(sequences)}: lower diffusion.search_batches or add data"
             )
         rank, world = _rank_and_world(self.group)
+        # The same number of batches on every rank: ZeRO-3 gathers weights collectively in each forward.
+        available = max(available // world, 1) * world
         return list(range(available))[rank::world]
 
     def _generator(self, step: int, index: int) -> torch.Generator:

@@ -47,6 +47,7 @@ from sad3_megatron.engine.mpu import MegatronMPU
 from sad3_megatron.engine.pipeline import build_pipeline, pipeline_batch, pipeline_bound, to_canonical, to_local
 from sad3_megatron.engine.plan import gradient_accumulation, parameter_count
 from sad3_megatron.engine.preemption import clear_marker, stop_on_signals, write_marker
+from sad3_megatron.engine.schedule_search import ScheduleSearch
 from sad3_megatron.errors import Sad3Error
 from sad3_megatron.evaluation import estimate_bound
 from sad3_megatron.model import build_model, model_parallel_config, prepare_sequence_parallel
@@ -243,6 +244,9 @@ class Trainer:
         # ZeRO-1/2/3 check the gradient norm themselves; under ZeRO-0 the guard does (engine/guard.py).
         self.guard = StepGuard(self.device, check_grads=cfg.parallel.zero_stage == 0, enabled=t.nonfinite_guard)
         self.engine, self.scheduler = self._build_engine(parts.tokenizer)
+        self.search = None
+        if cfg.diffusion.schedule_search != "off":
+            self.search = ScheduleSearch.from_config(cfg, parallel_state.get_data_parallel_group())
         self.start_step, self.tokens_seen = 0, 0
         self.skipped_steps, self.consecutive_skips = 0, 0
         self.resume_from = _resume_point(t.resume, self.ckpt_root, self.run_dir)
@@ -444,8 +448,23 @@ class Trainer:
         return bound.to_dict()
 
     def on_evaluate(self, step: int, val: dict) -> None:
-        """Called after each evaluation; a noise-schedule search may replace `self.schedule` here
-        (it is saved with every checkpoint and restored on resume). Default: keep the schedule."""
+        """After each evaluation, the data-driven clipped schedule (Sec. 5.3, `diffusion.schedule_search`):
+        score the (β, ω) grid on held-out batches with the weights just evaluated (EMA when kept),
+        spread over the data-parallel ranks, and train on with the range of least variance. Every
+        candidate's variance and the choice go to metrics.jsonl; the choice is saved with every
+        checkpoint (client state and the checkpoint's config) and restored on resume."""
+        if self.search is None:
+            return
+        module = self.engine.module
+        with self.ema.applied(module) if self.ema is not None else nullcontext():
+            result = self.search.run(module, self.objective, self.corpus.val, self.device, step, self.amp)
+        self.schedule = result.best
+        self.log.log({"step": step, **result.metrics()})
+        if self.is_main:
+            self.log.bar.write(
+                f"step {step}: schedule search ({result.criterion}) picks U[{self.schedule.t_min:g}, "
+                f"{self.schedule.t_max:g}] of {len(result.candidates)} ranges"
+            )
 
     def consolidated_weights(self) -> tuple[dict, dict | None]:
         """Model and EMA weights in the TP = 1 layout (collective over TP; ZeRO-3 gathers first)."""
@@ -488,9 +507,18 @@ class Trainer:
                     f"the last checkpoint is {str(last) if last else 'none'}"
                 )
         save_checkpoint(
-            self.engine, self.ckpt_root, step, self.client_state(step), self.cfg, weights, ema_weights,
+            self.engine, self.ckpt_root, step, self.client_state(step), self.trained_config(), weights, ema_weights,
             self.cfg.train.keep_last,
         )  # fmt: skip
+
+    def trained_config(self) -> Config:
+        """The run's config with the noise schedule training uses now (a search may have moved it),
+        which is what a checkpoint's config.yaml records for evaluation, sampling and the export."""
+        s = self.schedule
+        if s is None or self.search is None:
+            return self.cfg
+        diffusion = dataclasses.replace(self.cfg.diffusion, schedule=s.name, beta=s.t_min, omega=s.t_max)
+        return dataclasses.replace(self.cfg, diffusion=diffusion)
 
     # ---- the loop --------------------------------------------------------------------------------
 

@@ -82,4 +82,5 @@ def estimate_bound(
     mean = float(np.mean(per_draw))
     std_err = float(np.std(per_draw, ddof=1) / math.sqrt(draws)) if draws > 1 else 0.0
     block = objective.block_size if isinstance(objective, BlockDiffusionObjective) else None
-    return BoundEstimate(mean, std_err, math.exp(mean), math.exp(mean) * std_err, draws, tokens, count, block, exact)
+    ppl = math.exp(mean) if mean < 700 else math.inf  # a diverged model's bound overflows a float: say so
+    return BoundEstimate(mean, std_err, ppl, ppl * std_err, draws, tokens, count, block, exact)
