@@ -112,12 +112,14 @@ class ScheduleSearch:
         seed: int = 0,
         parameters: str = "",
         group=None,
+        equal_shares: bool = False,
     ):
         if criterion not in CRITERIA:
             raise Sad3Error(f"unknown schedule-search criterion {criterion!r}: choose elbo or grad")
         self.schedules = [make_schedule("clipped", b, w, t_floor, masking) for b, w in grid]
         self.criterion, self.batches, self.batch_size = criterion, batches, batch_size
         self.seed, self.parameters, self.group = seed, parameters, group
+        self.equal_shares = equal_shares
 
     @classmethod
     def from_config(cls, cfg, group=None) -> ScheduleSearch:
@@ -132,6 +134,7 @@ class ScheduleSearch:
             cfg.run.seed,
             d.search_parameters,
             group,
+            equal_shares=cfg.parallel.zero_stage == 3,
         )
 
     def _share(self, sequences) -> list[int]:
@@ -142,8 +145,8 @@ class ScheduleSearch:
                 f"the schedule search needs held-out batches of {self.batch_size} sequences, the split has {len(sequences)}: lower diffusion.search_batches or add data"
             )
         rank, world = _rank_and_world(self.group)
-        # The same number of batches on every rank: ZeRO-3 gathers weights collectively in each forward.
-        available = max(available // world, 1) * world
+        if self.equal_shares:  # ZeRO-3 gathers weights collectively in every forward: the same count per rank
+            available = max(available // world, 1) * world
         return list(range(available))[rank::world]
 
     def _generator(self, step: int, index: int) -> torch.Generator:
