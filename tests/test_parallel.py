@@ -21,7 +21,8 @@ TINY = [
     "model.seq_len=32", "diffusion.block_size=4", "train.micro_batch_size=4", "train.log_interval=1",
     "train.eval_interval=1000", "train.progress_bar=false", "train.lr_schedule=constant", "train.warmup_steps=1",
 ]  # fmt: skip
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # the test process's own group
+ENV = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS} | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 def free_port() -> int:

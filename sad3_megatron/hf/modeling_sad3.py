@@ -35,6 +35,7 @@ from .configuration_sad3 import Sad3Config
 from .errors import Sad3Error
 from .generate import GenerationResult, SamplingConfig, generate
 from .kv_cache import KV
+from .likelihood import estimate_bound
 from .masks import AttentionMask
 from .network import MLP, Attention, Embedding, Layer, Network, OutputHead, copy_unmasked, subs_blocked_ids
 from .objective import AutoregressiveObjective, BlockDiffusionObjective
@@ -227,10 +228,10 @@ class Sad3PreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def nelbo(self, input_ids: torch.Tensor, block_size: int | None = None, draws: int = 1, seed: int = 0) -> dict:
-        """The per-token bound of the NLL of `input_ids` [b, n] (nats): the NELBO of Eq. 7/8 under the
-        linear schedule, t ~ U[0, 1] (Sec. 6), averaged over `draws` draws of t per block; the exact NLL
-        for the AR baseline (the first token is context). n must be a multiple of L' and at most L.
-        Draw k uses seed·1000003 + k, as `sad3 eval` does for one batch."""
+        """The per-token bound of the NLL of `input_ids` [b, n] (nats), as `sad3 eval` computes it
+        (`likelihood.estimate_bound`, one batch): the NELBO of Eq. 7/8 with t integrated out, averaged
+        over `draws` draws of the noise; exact for the AR baseline and at L' = 1 (the first token is
+        context). n must be a multiple of L' and at most L. Draw k uses seed·1000003 + k."""
         x = torch.as_tensor(input_ids, device=self.model.embedding.embed.weight.device)
         x = x[None] if x.dim() == 1 else x
         n, exact = x.shape[1], self.config.objective == "ar"
@@ -239,18 +240,7 @@ class Sad3PreTrainedModel(PreTrainedModel):
             raise Sad3Error(f"{n} tokens: score at most L={self.config.max_position_embeddings} tokens, a multiple of L'={block}")
         objective = (AutoregressiveObjective(n) if exact else
                      BlockDiffusionObjective(n, block, evaluation_schedule(), self.config.mask_token_id, self.config.antithetic))  # fmt: skip
-        was_training = self.model.training
-        self.model.eval()
-        per_draw = []
-        for k in range(1 if exact else draws):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
-            terms = objective(self.model, x, generator, schedule=evaluation_schedule())
-            per_draw.append(terms.nll_sum.item() / terms.num_tokens)
-        self.model.train(was_training)
-        spread = torch.tensor(per_draw, dtype=torch.float64)
-        std_err = float(spread.std() / len(per_draw) ** 0.5) if len(per_draw) > 1 else 0.0
-        return {"nelbo_per_token": float(spread.mean()), "std_err": std_err, "tokens": terms.num_tokens,
-                "draws": len(per_draw), "block_size": None if exact else block, "exact": exact}  # fmt: skip
+        return estimate_bound(self.model, objective, x, x.device, batch_size=len(x), draws=draws, seed=seed).to_dict()
 
 
 class Sad3ForMaskedLM(Sad3PreTrainedModel):
