@@ -1,37 +1,130 @@
+"""Fixtures shared by the whole suite. Nothing here imports megatron or DeepSpeed at module level:
+tests/core runs without them (see tests/core/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 
-from sad3_megatron.engine.distributed import init_distributed
-from sad3_megatron.model import TransformerSpec, build_model
-
-VOCAB, MASK_ID = 50, 49
+ROOT = Path(__file__).resolve().parent.parent
+CORE_TESTS = Path(__file__).resolve().parent / "core"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def single_process_group():
-    """One gloo rank with megatron-core's parallel state at TP = PP = 1, shared by all unit tests."""
+def single_process_group(request):
+    """One gloo rank with megatron-core's parallel state at TP = PP = 1, shared by the tests that build
+    the trainer's model; tests/core never starts it (nor imports megatron)."""
+    if all(Path(str(item.path)).is_relative_to(CORE_TESTS) for item in request.session.items):
+        yield
+        return
+    from sad3_megatron.engine.distributed import init_distributed
+
     init_distributed(torch.device("cpu"))
+    yield
 
 
-def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4, backend: str = "sdpa"):
-    torch.manual_seed(seed)
-    spec = TransformerSpec(
-        layers, hidden, heads, 2 * hidden, vocab_size=VOCAB, mask_id=MASK_ID, dropout=0.0, attention_backend=backend
-    )
-    return build_model(spec, torch.device("cpu"))
+@dataclass(frozen=True)
+class Tiny:
+    """Tiny random models over a 50-id vocabulary whose last id is the mask token."""
+
+    vocab: int = 50
+    mask_id: int = 49
+
+    def config(self, layers: int = 2, hidden: int = 32, heads: int = 4, backend: str = "sdpa"):
+        from sad3_megatron.core.model_config import ModelConfig
+
+        return ModelConfig(num_layers=layers, hidden_size=hidden, num_heads=heads, ffn_hidden_size=2 * hidden,
+                           dropout=0.0, attention_backend=backend)  # fmt: skip
+
+    def network(self, seed: int = 0, **sizes):
+        """The plain-torch network of core/network.py (no megatron)."""
+        from sad3_megatron.core.network import build_network
+
+        torch.manual_seed(seed)
+        return build_network(self.config(**sizes), self.vocab, self.mask_id)
+
+    def model(self, seed: int = 0, **sizes):
+        """The trainer's megatron-core model at TP = 1."""
+        from sad3_megatron.model.build import build_model
+        from sad3_megatron.model.transformer import make_spec
+
+        torch.manual_seed(seed)
+        config = self.config(**sizes)
+        return build_model(make_spec(config, self.vocab, self.mask_id, config.attention_backend), torch.device("cpu"))
+
+    def tokens(self, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+        """Random clean tokens (never the mask id)."""
+        return torch.randint(0, self.mask_id, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def random_tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, MASK_ID, (batch, length), generator=torch.Generator().manual_seed(seed))
+@pytest.fixture(scope="session")
+def tiny() -> Tiny:
+    return Tiny()
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ in float64."""
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+@pytest.fixture(scope="session")
+def rel():
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        """‖a − b‖ / ‖b‖ in float64."""
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    return rel
 
 
-def dequantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 tensorwise scaling written out in float64: scale the amax to the format's max, round, scale back."""
-    t = t.detach().double()
-    scale = torch.finfo(dtype).max / t.abs().max()
-    return (t * scale).to(dtype).double() / scale
+@pytest.fixture(scope="session")
+def dequantized():
+    def dequantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """fp8 tensorwise scaling written out in float64: scale the amax to the format's max, round, scale back."""
+        t = t.detach().double()
+        scale = torch.finfo(dtype).max / t.abs().max()
+        return (t * scale).to(dtype).double() / scale
+
+    return dequantized
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Training runs as subprocesses: one process (`sad3 train`) or several (torchrun, gloo)."""
+
+    # A 2-layer model on the demo config; global batch 8 in every layout the tests compare.
+    overrides: tuple[str, ...] = (
+        "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.ffn_hidden_size=128",
+        "model.seq_len=32", "diffusion.block_size=4", "train.micro_batch_size=4", "train.log_interval=1",
+        "train.eval_interval=1000", "train.progress_bar=false", "train.lr_schedule=constant", "train.warmup_steps=1",
+    )  # fmt: skip
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The test process's environment without its own process-group variables, CPU DeepSpeed, one thread."""
+        launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        return {k: v for k, v in os.environ.items() if k not in launcher} | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+    @staticmethod
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    def train_cmd(self, nproc: int) -> list[str]:
+        bin_dir = Path(sys.executable).parent
+        if nproc == 1:
+            return [str(bin_dir / "sad3"), "train"]
+        return [str(bin_dir / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={self.free_port()}",
+                "-m", "sad3_megatron.cli", "train"]  # fmt: skip
+
+    def run_train(self, out: Path, overrides: list[str], nproc: int = 1, timeout: int = 600) -> None:
+        cmd = self.train_cmd(nproc) + ["configs/demo.yaml", *self.overrides, *overrides, f"run.out_dir={out}"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def launch() -> Launch:
+    return Launch()

@@ -5,11 +5,11 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import MASK_ID, random_tokens, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.core.objectives import BlockDiffusionObjective
+from sad3_megatron.core.schedules import make_schedule
 from sad3_megatron.model.activation_checkpointing import apply_activation_checkpointing
 
 L = 32
@@ -25,16 +25,16 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def loss_grads_and_backward_ops(mode: str, dropout: float = 0.0):
-    model = tiny_model(seed=0, layers=2, hidden=64)
+def loss_grads_and_backward_ops(tiny, mode: str, dropout: float = 0.0):
+    model = tiny.model(seed=0, layers=2, hidden=64)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = dropout
     model.train()
     assert apply_activation_checkpointing(model, mode) == (0 if mode == "none" else 2)
-    objective = BlockDiffusionObjective(L, 4, make_schedule("linear"), MASK_ID)
+    objective = BlockDiffusionObjective(L, 4, make_schedule("linear"), tiny.mask_id)
     torch.manual_seed(123)  # the dropout masks
-    loss = objective(model, random_tokens(4, L), torch.Generator().manual_seed(0)).loss
+    loss = objective(model, tiny.tokens(4, L), torch.Generator().manual_seed(0)).loss
     counter = OpCounter()
     with counter:
         loss.backward()
@@ -42,21 +42,21 @@ def loss_grads_and_backward_ops(mode: str, dropout: float = 0.0):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_checkpointed_layers_give_the_plain_gradients(dropout):
-    plain_loss, plain_grads, _ = loss_grads_and_backward_ops("none", dropout)
+def test_checkpointed_layers_give_the_plain_gradients(tiny, dropout):
+    plain_loss, plain_grads, _ = loss_grads_and_backward_ops(tiny, "none", dropout)
     for mode in ("selective", "full"):
-        loss, grads, _ = loss_grads_and_backward_ops(mode, dropout)
+        loss, grads, _ = loss_grads_and_backward_ops(tiny, mode, dropout)
         assert torch.equal(loss, plain_loss), mode
         for a, b in zip(grads, plain_grads, strict=True):
             assert (a - b).abs().max() <= 1e-7, mode  # the recomputed forward replays the same dropout masks
 
 
-def test_each_mode_recomputes_what_it_promises():
+def test_each_mode_recomputes_what_it_promises(tiny):
     """Full replays each layer's forward in backward (its matmuls and GELUs run again); selective
     replays only the elementwise work (GELU again, no extra matmul); none replays nothing."""
-    _, _, plain = loss_grads_and_backward_ops("none")
-    _, _, selective = loss_grads_and_backward_ops("selective")
-    _, _, full = loss_grads_and_backward_ops("full")
+    _, _, plain = loss_grads_and_backward_ops(tiny, "none")
+    _, _, selective = loss_grads_and_backward_ops(tiny, "selective")
+    _, _, full = loss_grads_and_backward_ops(tiny, "full")
     forward_matmuls_per_layer = 4  # qkv, proj, fc1, fc2
     assert plain["gelu"] == 0 and selective["gelu"] == 2 and full["gelu"] == 2
     matmuls = {name: c["mm"] + c["addmm"] + c["bmm"] for name, c in (("plain", plain), ("sel", selective), ("full", full))}
@@ -64,21 +64,21 @@ def test_each_mode_recomputes_what_it_promises():
     assert matmuls["full"] == matmuls["plain"] + 2 * forward_matmuls_per_layer
 
 
-def test_unknown_mode_is_one_clear_error():
+def test_unknown_mode_is_one_clear_error(tiny):
     with pytest.raises(Sad3Error, match="activation_checkpointing"):
-        apply_activation_checkpointing(tiny_model(), "sometimes")
+        apply_activation_checkpointing(tiny.model(), "sometimes")
 
 
 @pytest.mark.slow
-def test_compiled_layers_match_eager_on_cpu_inductor():
+def test_compiled_layers_match_eager_on_cpu_inductor(tiny):
     """train.compile: each layer compiled by inductor (CPU here) gives the eager loss and gradients."""
     from sad3_megatron.model.compile import compile_layers
 
-    objective = BlockDiffusionObjective(L, 4, make_schedule("linear"), MASK_ID)
-    x = random_tokens(4, L)
+    objective = BlockDiffusionObjective(L, 4, make_schedule("linear"), tiny.mask_id)
+    x = tiny.tokens(4, L)
     results = []
     for compiled in (False, True):
-        model = tiny_model(seed=0, layers=2, hidden=64).train()
+        model = tiny.model(seed=0, layers=2, hidden=64).train()
         if compiled:
             assert compile_layers(model) == 2
         loss = objective(model, x, torch.Generator().manual_seed(0)).loss

@@ -68,23 +68,22 @@ def test_bf16_logits_under_autocast_match_a_bf16_reference():
     assert (got - expected).abs().max() <= 1e-4
 
 
-def test_the_model_with_a_chunked_loss_equals_full_logits():
+def test_the_model_with_a_chunked_loss_equals_full_logits(tiny):
     """model.loss_chunk_tokens in the transformer: the same Eq. 8 loss and gradients as the full logits."""
     from dataclasses import replace
 
-    from conftest import MASK_ID, random_tokens, tiny_model
+    from sad3_megatron.core.objectives import BlockDiffusionObjective
+    from sad3_megatron.core.schedules import make_schedule
+    from sad3_megatron.model.build import build_model
 
-    from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule
-    from sad3_megatron.model import build_model
-
-    objective = BlockDiffusionObjective(16, 4, make_schedule("linear"), MASK_ID)
-    x = random_tokens(3, 16)
+    objective = BlockDiffusionObjective(16, 4, make_schedule("linear"), tiny.mask_id)
+    x = tiny.tokens(3, 16)
     results = []
     for chunk in (0, 5):
-        model = tiny_model(seed=2)
+        model = tiny.model(seed=2)
         if chunk:
             torch.manual_seed(2)
-            model = build_model(replace(model.spec, loss_chunk_tokens=chunk), torch.device("cpu"))
+            model = build_model(replace(model.spec, model=replace(model.spec.model, loss_chunk_tokens=chunk)), torch.device("cpu"))
         loss = objective(model, x, torch.Generator().manual_seed(0)).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))

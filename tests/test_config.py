@@ -3,7 +3,7 @@
 import pytest
 
 from sad3_megatron.config import load_config
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
 
 DEMO = "configs/demo.yaml"
 
@@ -63,7 +63,8 @@ def test_each_refusal_names_the_key(overrides, needle):
 
 def test_a_too_short_split_is_refused_with_the_fix(tmp_path):
     """A corpus with too little text for the held-out split, and one too short for a sequence."""
-    from sad3_megatron.data import load_corpus, load_tokenizer
+    from sad3_megatron.data.corpus import load_corpus
+    from sad3_megatron.data.tokenizers import load_tokenizer
 
     small = tmp_path / "small.txt"
     small.write_text("\n\n".join(f"Paragraph {i} has a few words in it." for i in range(40)))
@@ -74,7 +75,8 @@ def test_a_too_short_split_is_refused_with_the_fix(tmp_path):
 
 
 def test_a_corpus_too_short_for_one_sequence_is_refused(tmp_path):
-    from sad3_megatron.data import load_corpus, load_tokenizer
+    from sad3_megatron.data.corpus import load_corpus
+    from sad3_megatron.data.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer("bert-base-uncased")
     tiny = tmp_path / "tiny.txt"
@@ -82,3 +84,15 @@ def test_a_corpus_too_short_for_one_sequence_is_refused(tmp_path):
     cfg = load_config(DEMO, [f"data.train_files={tiny}", f"data.cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(Sad3Error, match="too few for one sequence of 128"):
         load_corpus(cfg.data, tokenizer, cfg.model.seq_len)
+
+
+def test_sedd_is_configured_as_one_block_without_pipeline_stages():
+    cfg = load_config("configs/demo.yaml", ["diffusion.objective=sedd", "diffusion.block_size=128"])
+    assert cfg.diffusion.objective == "sedd"
+    with pytest.raises(Sad3Error, match="set diffusion.block_size=128"):
+        load_config("configs/demo.yaml", ["diffusion.objective=sedd"])
+    with pytest.raises(Sad3Error, match="pipeline_parallel=1"):
+        load_config(
+            "configs/demo.yaml",
+            ["diffusion.objective=sedd", "diffusion.block_size=128", "parallel.pipeline_parallel=2"],
+        )

@@ -10,10 +10,18 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from sad3_megatron.config import DataConfig  # noqa: E402
-from sad3_megatron.data import load_corpus, load_recipe, load_tokenizer, open_prepared, prepare  # noqa: E402
-from sad3_megatron.data.corpus import packed_split  # noqa: E402
-from sad3_megatron.data.recipes import recipe_from_dict  # noqa: E402
-from sad3_megatron.errors import Sad3Error  # noqa: E402
+from sad3_megatron.core.errors import Sad3Error  # noqa: E402
+from sad3_megatron.data.corpus import (
+    load_corpus,  # noqa: E402
+    packed_split,  # noqa: E402
+)
+from sad3_megatron.data.preparation import prepare
+from sad3_megatron.data.recipes import (
+    load_recipe,
+    recipe_from_dict,  # noqa: E402
+)
+from sad3_megatron.data.shards import open_prepared
+from sad3_megatron.data.tokenizers import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,10 @@ import pytest  # noqa: E402
 
 from sad3_megatron.cli import main  # noqa: E402
 from sad3_megatron.config import DataConfig  # noqa: E402
-from sad3_megatron.data import ZERO_SHOT, load_corpus, load_eval_sequences, load_tokenizer  # noqa: E402
+from sad3_megatron.data.corpus import load_corpus, load_eval_sequences
 from sad3_megatron.data.detokenizers import DETOKENIZERS  # noqa: E402
+from sad3_megatron.data.tokenizers import load_tokenizer
+from sad3_megatron.data.zero_shot import ZERO_SHOT  # noqa: E402
 
 
 @pytest.mark.parametrize(

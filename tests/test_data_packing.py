@@ -5,7 +5,8 @@ the document ids of document-bounded packing, checked against a plain list-based
 import numpy as np
 import pytest
 
-from sad3_megatron.data import PackedSequences, load_tokenizer, pack_documents
+from sad3_megatron.data.packing import PackedSequences, pack_documents
+from sad3_megatron.data.tokenizers import load_tokenizer
 
 BOS, EOS = 100, 101
 

@@ -4,8 +4,7 @@ run would have drawn."""
 
 import numpy as np
 
-from sad3_megatron.data import batch_rows
-from sad3_megatron.data.sampler import epoch_permutation
+from sad3_megatron.data.sampler import batch_rows, epoch_permutation
 
 ROWS, MBS, ACCUM, DP, SEED = 53, 4, 2, 2, 7  # 53 rows: steps straddle epoch boundaries
 

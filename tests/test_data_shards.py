@@ -13,11 +13,18 @@ import re  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from sad3_megatron.data import load_recipe, load_tokenizer, open_prepared, prepare  # noqa: E402
+from sad3_megatron.core.errors import Sad3Error  # noqa: E402
 from sad3_megatron.data import preparation as prepare_module  # noqa: E402
-from sad3_megatron.data.recipes import recipe_from_dict  # noqa: E402
-from sad3_megatron.data.shards import sha256_file  # noqa: E402
-from sad3_megatron.errors import Sad3Error  # noqa: E402
+from sad3_megatron.data.preparation import prepare
+from sad3_megatron.data.recipes import (
+    load_recipe,  # noqa: E402
+    recipe_from_dict,  # noqa: E402
+)
+from sad3_megatron.data.shards import (
+    open_prepared,
+    sha256_file,  # noqa: E402
+)
+from sad3_megatron.data.tokenizers import load_tokenizer
 
 WORDS = "the of and to a in that it was her not be as he his had with for you she which".split()
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from sad3_megatron.data import load_tokenizer
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.data.tokenizers import load_tokenizer
 
 
 @pytest.fixture(scope="module")

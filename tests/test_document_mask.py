@@ -2,10 +2,12 @@
 hold the document alone (RoPE is relative, so where a document sits in the row does not matter)."""
 
 import torch
-from conftest import MASK_ID, random_tokens, tiny_model
 
-from sad3_megatron.attention import AttentionMask, DocumentMask, attend, document_window_ids
-from sad3_megatron.diffusion import BlockDiffusionObjective, NoisedBatch, make_schedule
+from sad3_megatron.core.attention import attend
+from sad3_megatron.core.masks import AttentionMask, DocumentMask, document_window_ids
+from sad3_megatron.core.noising import NoisedBatch
+from sad3_megatron.core.objectives import BlockDiffusionObjective
+from sad3_megatron.core.schedules import make_schedule
 
 L, BLOCK = 16, 4
 
@@ -32,16 +34,16 @@ def noised(x_t, x, masked):
     return NoisedBatch(torch.ones(x.shape[0], L // BLOCK), x_t, masked, weight)
 
 
-def test_a_document_is_scored_as_if_it_were_alone_in_its_row():
-    model = tiny_model(seed=7)
-    doc_a, doc_b, doc_c = random_tokens(1, 8, seed=1), random_tokens(1, 8, seed=2), random_tokens(1, 8, seed=3)
+def test_a_document_is_scored_as_if_it_were_alone_in_its_row(tiny):
+    model = tiny.model(seed=7)
+    doc_a, doc_b, doc_c = tiny.tokens(1, 8, seed=1), tiny.tokens(1, 8, seed=2), tiny.tokens(1, 8, seed=3)
     masked_b = torch.tensor([[True, False, True, True, False, True, False, True]])
-    objective = BlockDiffusionObjective(L, BLOCK, make_schedule("linear"), MASK_ID)
+    objective = BlockDiffusionObjective(L, BLOCK, make_schedule("linear"), tiny.mask_id)
 
     # Row 1: A ⊕ B, attention kept inside documents; B occupies positions 8..15.
     packed = torch.cat([doc_a, doc_b], dim=1)
     masked = torch.cat([torch.zeros(1, 8, dtype=torch.bool), masked_b], dim=1)
-    x_t = torch.where(masked, MASK_ID, packed)
+    x_t = torch.where(masked, tiny.mask_id, packed)
     ids = torch.tensor([[0] * 8 + [1] * 8])
     with torch.no_grad():
         nll_packed = objective.token_nll(model, packed, noised(x_t, packed, masked), document_ids=ids)
@@ -49,7 +51,7 @@ def test_a_document_is_scored_as_if_it_were_alone_in_its_row():
     # Row 2: B ⊕ C with no document mask; B occupies positions 0..7 and, being first, sees only itself.
     alone = torch.cat([doc_b, doc_c], dim=1)
     masked2 = torch.cat([masked_b, torch.zeros(1, 8, dtype=torch.bool)], dim=1)
-    x_t2 = torch.where(masked2, MASK_ID, alone)
+    x_t2 = torch.where(masked2, tiny.mask_id, alone)
     with torch.no_grad():
         nll_alone = objective.token_nll(model, alone, noised(x_t2, alone, masked2))
 
@@ -60,19 +62,20 @@ def test_a_document_is_scored_as_if_it_were_alone_in_its_row():
     assert (nll_leaky[:, 8:] - nll_alone[:, :8]).abs().max() > 1e-4
 
 
-def test_held_out_bound_keeps_document_ids_of_a_prefix_of_rows():
+def test_held_out_bound_keeps_document_ids_of_a_prefix_of_rows(tiny):
     """Evaluating the first rows of a document-packed split scores them with the document mask."""
     import numpy as np
 
     from sad3_megatron.config import DataConfig
-    from sad3_megatron.data import load_corpus, load_tokenizer
-    from sad3_megatron.diffusion import evaluation_schedule
-    from sad3_megatron.evaluation import estimate_bound
+    from sad3_megatron.core.likelihood import estimate_bound
+    from sad3_megatron.core.schedules import evaluation_schedule
+    from sad3_megatron.data.corpus import load_corpus
+    from sad3_megatron.data.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer("bert-base-uncased")
     val = load_corpus(DataConfig(packing="document"), tokenizer, L).val
-    model = tiny_model(seed=5)
-    rows = torch.as_tensor(val[:4]) % MASK_ID
+    model = tiny.model(seed=5)
+    rows = torch.as_tensor(val[:4]) % tiny.mask_id
     ids = torch.as_tensor(val.batch(np.arange(4)).document_ids)
     assert (ids[:, -1] > 0).any()  # some row does hold several documents
 
@@ -87,7 +90,7 @@ def test_held_out_bound_keeps_document_ids_of_a_prefix_of_rows():
 
             return SimpleNamespace(tokens=rows[index].numpy(), document_ids=ids[index].numpy())
 
-    objective = BlockDiffusionObjective(L, BLOCK, make_schedule("linear"), MASK_ID)
+    objective = BlockDiffusionObjective(L, BLOCK, make_schedule("linear"), tiny.mask_id)
     bound = estimate_bound(model, objective, Rows(), torch.device("cpu"), batch_size=2, draws=1, max_sequences=3)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -97,7 +100,7 @@ def test_held_out_bound_keeps_document_ids_of_a_prefix_of_rows():
     assert bound.sequences == 3 and abs(bound.nelbo_per_token - expected) < 1e-6
 
 
-def test_one_micro_batch_builds_each_document_mask_window_once(monkeypatch):
+def test_one_micro_batch_builds_each_document_mask_window_once(tiny, monkeypatch):
     """The per-batch document mask is built once for all layers (twice: the last layer keeps only the
     noisy rows), not once per layer, on the dense SDPA path and the Flex BlockMask path alike."""
     import torch.nn.attention.flex_attention as flex_module
@@ -118,11 +121,11 @@ def test_one_micro_batch_builds_each_document_mask_window_once(monkeypatch):
     monkeypatch.setattr(DocumentMask, "dense", counted_dense)
     monkeypatch.setattr(flex_module, "create_block_mask", counted_block_mask)
     ids = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
-    x = random_tokens(2, L, seed=4)
-    objective = BlockDiffusionObjective(L, BLOCK, make_schedule("linear"), MASK_ID)
+    x = tiny.tokens(2, L, seed=4)
+    objective = BlockDiffusionObjective(L, BLOCK, make_schedule("linear"), tiny.mask_id)
     outputs = []
     for backend in ("sdpa", "flex"):
-        model = tiny_model(seed=5, layers=4, backend=backend)
+        model = tiny.model(seed=5, layers=4, backend=backend)
         with torch.no_grad():  # Flex has no backward on CPU
             outputs.append(objective(model, x, torch.Generator().manual_seed(0), document_ids=ids).loss)
         assert builds[backend if backend == "flex" else "dense"] == 2, builds
@@ -142,7 +145,7 @@ def reference_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
 def test_flash_varlen_layout_of_document_packed_ar_and_mdlm_rows_equals_the_document_mask():
     """The cu_seqlens glue of the flash backend (runnable here with a reference kernel of the same
     contract) against SDPA under the document mask, for the two masks flash expresses exactly."""
-    from sad3_megatron.hf.attention import document_segments, varlen_attention
+    from sad3_megatron.core.attention import document_segments, varlen_attention
 
     ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 16, [0] * 3 + [1] * 13])
     mdlm = AttentionMask.doubled(L, L).first_rows(L).first_cols(L)

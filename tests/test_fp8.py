@@ -3,13 +3,13 @@ and a whole fp8 model against the same model in fp32. `torch._scaled_mm` runs on
 the code path a Hopper GPU runs, on other hardware."""
 
 import torch
-from conftest import MASK_ID, dequantized, random_tokens, rel, tiny_model
 
-from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule
+from sad3_megatron.core.objectives import BlockDiffusionObjective
+from sad3_megatron.core.schedules import make_schedule
 from sad3_megatron.model.fp8 import E4M3, E5M2, Fp8Linear, enable_fp8
 
 
-def test_fp8_linear_forward_and_gradients_equal_the_quantized_reference():
+def test_fp8_linear_forward_and_gradients_equal_the_quantized_reference(dequantized, rel):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 8, 64, generator=g, requires_grad=True)
     w = torch.randn(48, 64, generator=g, requires_grad=True)
@@ -29,12 +29,12 @@ def test_fp8_linear_forward_and_gradients_equal_the_quantized_reference():
     assert 1e-3 < rel(y.reshape(-1, 48), exact) < 0.1
 
 
-def test_fp8_model_tracks_the_fp32_model():
-    model = tiny_model(hidden=64, heads=4)
-    fp8_model = tiny_model(hidden=64, heads=4)  # the same seed: the same weights
+def test_fp8_model_tracks_the_fp32_model(tiny):
+    model = tiny.model(hidden=64, heads=4)
+    fp8_model = tiny.model(hidden=64, heads=4)  # the same seed: the same weights
     assert enable_fp8(fp8_model) == 4 * len(model.layers)
-    L, objective = 16, BlockDiffusionObjective(16, 4, make_schedule("linear"), MASK_ID)
-    x = random_tokens(4, L)
+    L, objective = 16, BlockDiffusionObjective(16, 4, make_schedule("linear"), tiny.mask_id)
+    x = tiny.tokens(4, L)
     noised = objective.noise(x, torch.Generator().manual_seed(1))
 
     def loss_and_grad(m):

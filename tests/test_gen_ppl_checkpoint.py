@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from sad3_megatron.attention import AttentionMask
 from sad3_megatron.config import load_config
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.core.masks import AttentionMask
 from sad3_megatron.engine.build import load_components
 from sad3_megatron.engine.trainer import train
-from sad3_megatron.errors import Sad3Error
-from sad3_megatron.evaluation import generative_perplexity, load_evaluator
+from sad3_megatron.evaluation.generative import generative_perplexity, load_evaluator
 
 TINY = [
     "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2", "model.ffn_hidden_size=64", "model.seq_len=32",

@@ -9,10 +9,11 @@ run them on a GPU with `python -m pytest -q -m gpu tests`.
 
 import pytest
 import torch
-from conftest import MASK_ID, dequantized, random_tokens, rel, tiny_model
 
-from sad3_megatron.attention import AttentionMask, attend
-from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule
+from sad3_megatron.core.attention import attend
+from sad3_megatron.core.masks import AttentionMask
+from sad3_megatron.core.objectives import BlockDiffusionObjective
+from sad3_megatron.core.schedules import make_schedule
 from sad3_megatron.model.fp8 import E4M3, E5M2, Fp8Linear, require_fp8
 
 pytestmark = [
@@ -36,7 +37,7 @@ FP32, BF16 = (torch.float32, 2e-3), (torch.bfloat16, 2e-2)  # tolerances: Flex's
     "name,dtype,tolerance",
     [(name, *FP32) for name in MASKS] + [("doubled L'=4", *BF16)],  # each case compiles a kernel: keep few
 )
-def test_flex_forward_and_backward_equal_float64_sdpa(name, dtype, tolerance):
+def test_flex_forward_and_backward_equal_float64_sdpa(rel, name, dtype, tolerance):
     mask = MASKS[name]
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (
@@ -56,11 +57,11 @@ def test_flex_forward_and_backward_equal_float64_sdpa(name, dtype, tolerance):
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_vectorized_pass_on_flex_equals_the_naive_loop(block_size):
+def test_vectorized_pass_on_flex_equals_the_naive_loop(rel, tiny, block_size):
     L = 128
-    flex, sdpa = tiny_model(hidden=64, backend="flex").cuda(), tiny_model(hidden=64).cuda()
-    x = random_tokens(4, L).cuda()
-    objective = BlockDiffusionObjective(L, block_size, make_schedule("linear"), MASK_ID)
+    flex, sdpa = tiny.model(hidden=64, backend="flex").cuda(), tiny.model(hidden=64).cuda()
+    x = tiny.tokens(4, L).cuda()
+    objective = BlockDiffusionObjective(L, block_size, make_schedule("linear"), tiny.mask_id)
     noised = objective.noise(x, torch.Generator().manual_seed(block_size))
 
     def loss_and_grads(model, naive):
@@ -75,7 +76,7 @@ def test_vectorized_pass_on_flex_equals_the_naive_loop(block_size):
     assert rel(fast_grad, slow_grad) < 1e-3
 
 
-def test_fp8_gemms_on_the_gpu_equal_the_quantized_reference():
+def test_fp8_gemms_on_the_gpu_equal_the_quantized_reference(dequantized, rel):
     require_fp8(torch.device("cuda"))
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(512, 768, device="cuda", generator=g).requires_grad_()

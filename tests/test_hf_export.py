@@ -17,15 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sad3_megatron.attention import AttentionMask, doubled_positions
 from sad3_megatron.cli import main
 from sad3_megatron.config import load_config
-from sad3_megatron.data import load_corpus
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.core.masks import AttentionMask, doubled_positions
+from sad3_megatron.data.corpus import load_corpus
 from sad3_megatron.engine.build import load_components
+from sad3_megatron.engine.export import SHIPPED_CORE_FILES, SHIPPED_HF_FILES, export_checkpoint
 from sad3_megatron.engine.trainer import train
-from sad3_megatron.errors import Sad3Error
-from sad3_megatron.evaluation import generative_perplexity, load_evaluator
-from sad3_megatron.export import export_checkpoint
+from sad3_megatron.evaluation.generative import generative_perplexity, load_evaluator
 from sad3_megatron.hf.modeling_sad3 import Sad3ForCausalLM, Sad3ForMaskedLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,9 +81,10 @@ def test_export_directory_holds_a_standard_transformers_model(diffusion):
     tok = AutoTokenizer.from_pretrained(export)
     assert (tok.mask_token_id, tok.bos_token_id, tok.eos_token_id) == (
         config["mask_token_id"], config["bos_token_id"], config["eos_token_id"]) == (103, 101, 102)  # fmt: skip
-    hf_code = sorted(p.name for p in (ROOT / "sad3_megatron/hf").glob("*.py") if p.name != "__init__.py")
-    for name in hf_code:  # the package's own files, verbatim
-        assert (export / name).read_bytes() == (ROOT / "sad3_megatron/hf" / name).read_bytes()
+    for name in SHIPPED_CORE_FILES:  # the package's own files, verbatim
+        assert (export / name).read_bytes() == (ROOT / "sad3_megatron/core" / name).read_bytes()
+    for name in SHIPPED_HF_FILES:  # the same, with the imports of core made flat
+        assert (export / name).read_text() == (ROOT / "sad3_megatron/hf" / name).read_text().replace("..core.", ".")
     generation = json.loads((export / "generation_config.json").read_text())
     assert generation["sad3_sampling"]["block_size"] == BLOCK and generation["eos_token_id"] == 102
     last_val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_nelbo" in line][-1]
@@ -95,8 +96,8 @@ def test_export_directory_holds_a_standard_transformers_model(diffusion):
 def test_gpt2_tokenizer_gets_its_mask_token_at_sad3s_id(tmp_path):
     from transformers import AutoTokenizer
 
-    from sad3_megatron.data import load_tokenizer
-    from sad3_megatron.export import export_tokenizer
+    from sad3_megatron.data.tokenizers import load_tokenizer
+    from sad3_megatron.engine.export import export_tokenizer
 
     sad3_tok = load_tokenizer("gpt2")
     export_tokenizer(sad3_tok, tmp_path)
@@ -321,9 +322,7 @@ def test_ar_export_and_ar_checkpoint_are_evaluators_with_one_scoring_path(autore
 
 
 @pytest.mark.slow
-def test_tensor_parallel_and_zero3_checkpoints_export_the_single_process_tensors(tmp_path):
-    from test_parallel import run_train
-
+def test_tensor_parallel_and_zero3_checkpoints_export_the_single_process_tensors(launch, tmp_path):
     common = ["train.steps=2", "train.ema_decay=0.9"]  # global batch 8 in every layout, as in test_parallel
     layouts = {
         "single": (["train.grad_accum_steps=2"], 1),
@@ -332,7 +331,7 @@ def test_tensor_parallel_and_zero3_checkpoints_export_the_single_process_tensors
     }
     exported = {}
     for name, (overrides, nproc) in layouts.items():
-        run_train(tmp_path / name, [*common, *overrides], nproc=nproc)
+        launch.run_train(tmp_path / name, [*common, *overrides], nproc=nproc)
         export_checkpoint(tmp_path / name, tmp_path / f"{name}-hf")
         exported[name] = load_file(tmp_path / f"{name}-hf" / "model.safetensors")
     for name in ("tp2", "zero3"):

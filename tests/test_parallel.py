@@ -2,9 +2,8 @@
 against the single-process run, SIGKILL-and-resume, interrupted saves, the DeepSpeed launcher."""
 
 import json
-import os
+import runpy
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,41 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-TINY = [
-    "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.ffn_hidden_size=128",
-    "model.seq_len=32", "diffusion.block_size=4", "train.micro_batch_size=4", "train.log_interval=1",
-    "train.eval_interval=1000", "train.progress_bar=false", "train.lr_schedule=constant", "train.warmup_steps=1",
-]  # fmt: skip
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # the test process's own group
-ENV = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS} | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def train_cmd(nproc: int) -> list[str]:
-    if nproc == 1:
-        return [str(BIN / "sad3"), "train"]
-    return [
-        str(BIN / "torchrun"),
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        "-m",
-        "sad3_megatron.cli",
-        "train",
-    ]
-
-
-def run_train(out: Path, overrides: list[str], nproc: int = 1, timeout: int = 600) -> None:
-    cmd = train_cmd(nproc) + ["configs/demo.yaml", *TINY, *overrides, f"run.out_dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r[key] for r in records if "loss" in r}
@@ -66,17 +30,17 @@ def assert_same_steps(reference: Path, parallel: Path, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory) -> Path:
+def single_process(launch, tmp_path_factory) -> Path:
     """Reference: one process, global batch 8 as 2 accumulated micro-batches of 4."""
     out = tmp_path_factory.mktemp("single")
-    run_train(out, ["train.steps=3", "train.grad_accum_steps=2", "train.ema_decay=0"])
+    launch.run_train(out, ["train.steps=3", "train.grad_accum_steps=2", "train.ema_decay=0"])
     return out
 
 
 @pytest.fixture(scope="module")
-def single_process_dropout(tmp_path_factory) -> Path:
+def single_process_dropout(launch, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single-dropout")
-    run_train(out, ["train.steps=3", "train.grad_accum_steps=2", "train.ema_decay=0", "model.dropout=0.2"])
+    launch.run_train(out, ["train.steps=3", "train.grad_accum_steps=2", "train.ema_decay=0", "model.dropout=0.2"])
     return out
 
 
@@ -88,14 +52,14 @@ def single_process_dropout(tmp_path_factory) -> Path:
         ("tp2", ["parallel.tensor_parallel=2", "train.grad_accum_steps=2"]),
     ],
 )
-def test_dropout_masks_follow_the_micro_batch_slot_in_every_layout(
+def test_dropout_masks_follow_the_micro_batch_slot_in_every_layout(launch,
     name, overrides, single_process, single_process_dropout, tmp_path
 ):
     """Dropout is seeded by step_seed(seed, step, slot): a DP rank draws its slot's masks, TP ranks
     draw the same full-size masks as one process (dropout acts on replicated activations). Sequence
     parallelism is the exception: each rank drops on its own slice of the sequence with that seed,
     so its masks, and hence its numbers, differ from one process when dropout > 0."""
-    run_train(tmp_path, ["train.steps=3", "train.ema_decay=0", "model.dropout=0.2", *overrides], nproc=2)
+    launch.run_train(tmp_path, ["train.steps=3", "train.ema_decay=0", "model.dropout=0.2", *overrides], nproc=2)
     assert_same_steps(single_process_dropout, tmp_path, name)
     assert losses(single_process_dropout)[1] != pytest.approx(losses(single_process)[1])  # dropout is on
 
@@ -117,8 +81,8 @@ def test_dropout_masks_follow_the_micro_batch_slot_in_every_layout(
         ("dp2-zero3", ["parallel.zero_stage=3"]),
     ],
 )
-def test_two_process_layouts_match_single_process(name, overrides, single_process, tmp_path):
-    run_train(tmp_path, ["train.steps=3", "train.ema_decay=0", *overrides], nproc=2)
+def test_two_process_layouts_match_single_process(launch, name, overrides, single_process, tmp_path):
+    launch.run_train(tmp_path, ["train.steps=3", "train.ema_decay=0", *overrides], nproc=2)
     assert_same_steps(single_process, tmp_path, name)
     # The consolidated weights (TP shards gathered, pipeline stages merged) are the single-process ones.
     ours = load_file(str(tmp_path / "checkpoints" / "step_0000003" / "model.safetensors"))
@@ -127,8 +91,7 @@ def test_two_process_layouts_match_single_process(name, overrides, single_proces
     assert all((ours[k] - single[k]).abs().max() < 1e-4 for k in ours), name
     if name == "dp2-zero3":
         # The weights gathered at save time equal DeepSpeed's own consolidation of its ZeRO-3 shards.
-        sys.path.insert(0, str(ROOT / "tools"))
-        from consolidate_checkpoint import from_deepspeed
+        from_deepspeed = runpy.run_path(str(ROOT / "tools" / "consolidate_checkpoint.py"))["from_deepspeed"]
 
         ckpt = tmp_path / "checkpoints" / "step_0000003"
         ours, theirs = load_file(str(ckpt / "model.safetensors")), from_deepspeed(ckpt)
@@ -137,11 +100,11 @@ def test_two_process_layouts_match_single_process(name, overrides, single_proces
 
 
 @pytest.mark.slow
-def test_tensor_sequence_and_pipeline_parallel_together_match_single_process(single_process, tmp_path):
+def test_tensor_sequence_and_pipeline_parallel_together_match_single_process(launch, single_process, tmp_path):
     """TP = 2 with sequence parallelism inside each of PP = 2 stages (4 processes): stages pass
     sequence slices to each other, and the last layer re-splits the noisy half."""
     layout = ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.pipeline_parallel=2"]
-    run_train(
+    launch.run_train(
         tmp_path,
         ["train.steps=3", "train.ema_decay=0", "parallel.zero_stage=1", "train.grad_accum_steps=2", *layout],
         nproc=4,
@@ -153,12 +116,12 @@ def test_tensor_sequence_and_pipeline_parallel_together_match_single_process(sin
 
 
 @pytest.mark.slow
-def test_rows_packed_by_document_pass_their_labels_through_pipeline_stages(tmp_path):
+def test_rows_packed_by_document_pass_their_labels_through_pipeline_stages(launch, tmp_path):
     """data.packing=document under PP = 2: the document labels travel with the hidden states and
     every stage masks across documents, as the single process does."""
     common = ["train.steps=3", "train.ema_decay=0", "data.packing=document", "train.grad_accum_steps=2"]
-    run_train(tmp_path / "single", common)
-    run_train(tmp_path / "pp2", [*common, "parallel.pipeline_parallel=2", "parallel.zero_stage=1"], nproc=2)
+    launch.run_train(tmp_path / "single", common)
+    launch.run_train(tmp_path / "pp2", [*common, "parallel.pipeline_parallel=2", "parallel.zero_stage=1"], nproc=2)
     reference, pipelined = losses(tmp_path / "single"), losses(tmp_path / "pp2")
     assert sorted(pipelined) == sorted(reference) == [1, 2, 3]
     for step, loss in reference.items():
@@ -166,14 +129,14 @@ def test_rows_packed_by_document_pass_their_labels_through_pipeline_stages(tmp_p
 
 
 @pytest.mark.slow
-def test_zero3_keeps_a_partitioned_ema_equal_to_the_single_process_one_and_resumes_it(tmp_path):
+def test_zero3_keeps_a_partitioned_ema_equal_to_the_single_process_one_and_resumes_it(launch, tmp_path):
     """Under ZeRO-3 each rank averages its own partition; the consolidated EMA, straight or resumed
     from a mid-run checkpoint, is the single-process EMA."""
     common = ["train.ema_decay=0.5", "train.save_interval=2", "train.keep_last=3"]
-    run_train(tmp_path / "single", [*common, "train.steps=4", "train.grad_accum_steps=2"])
-    run_train(tmp_path / "zero3", [*common, "train.steps=4", "parallel.zero_stage=3"], nproc=2)
-    run_train(tmp_path / "resumed", [*common, "train.steps=2", "parallel.zero_stage=3"], nproc=2)
-    run_train(tmp_path / "resumed", [*common, "train.steps=4", "parallel.zero_stage=3"], nproc=2)
+    launch.run_train(tmp_path / "single", [*common, "train.steps=4", "train.grad_accum_steps=2"])
+    launch.run_train(tmp_path / "zero3", [*common, "train.steps=4", "parallel.zero_stage=3"], nproc=2)
+    launch.run_train(tmp_path / "resumed", [*common, "train.steps=2", "parallel.zero_stage=3"], nproc=2)
+    launch.run_train(tmp_path / "resumed", [*common, "train.steps=4", "parallel.zero_stage=3"], nproc=2)
     single = load_file(str(tmp_path / "single" / "checkpoints" / "step_0000004" / "ema.safetensors"))
     for run in ("zero3", "resumed"):
         ema = load_file(str(tmp_path / run / "checkpoints" / "step_0000004" / "ema.safetensors"))
@@ -185,25 +148,25 @@ def test_zero3_keeps_a_partitioned_ema_equal_to_the_single_process_one_and_resum
 
 
 @pytest.mark.slow
-def test_portable_tensor_parallel_linear_equals_megatron_core_at_tp2():
+def test_portable_tensor_parallel_linear_equals_megatron_core_at_tp2(launch):
     """model/tp_linear.py (the forward fp8 GEMMs use) against megatron-core's own, TP = 2 on gloo."""
     cmd = [
-        str(BIN / "torchrun"),
+        str(Path(sys.executable).parent / "torchrun"),
         "--nproc_per_node=2",
-        f"--master_port={free_port()}",
+        f"--master_port={launch.free_port()}",
         "tests/workers/tp_linear_equivalence.py",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch.env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.count("tp_linear ok") == 2, proc.stdout + proc.stderr[-2000:]
 
 
 @pytest.mark.slow
-def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(launch, tmp_path):
     common = ["train.steps=8", "train.save_interval=2", "train.keep_last=5"]
-    run_train(tmp_path / "straight", common)
+    launch.run_train(tmp_path / "straight", common)
     victim = tmp_path / "killed"
-    cmd = train_cmd(1) + ["configs/demo.yaml", *TINY, *common, f"run.out_dir={victim}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = launch.train_cmd(1) + ["configs/demo.yaml", *launch.overrides, *common, f"run.out_dir={victim}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launch.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (victim / "checkpoints" / "step_0000004").exists():
         assert proc.poll() is None and time.time() < deadline, "training ended before the kill"
@@ -212,23 +175,23 @@ def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(tmp_p
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "training ended before the kill"
     assert not (victim / "checkpoints" / "step_0000008").exists() and max(losses(victim)) < 8
-    run_train(victim, common)  # resume=auto picks the newest complete checkpoint
+    launch.run_train(victim, common)  # resume=auto picks the newest complete checkpoint
     straight, resumed = losses(tmp_path / "straight"), losses(victim)
     assert sorted(resumed) == list(range(1, 9))
     assert all(resumed[s] == straight[s] for s in straight), (straight, resumed)
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_with_localhost_hostfile(tmp_path):
+def test_deepspeed_launcher_with_localhost_hostfile(launch, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     cmd = [
-        str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()),
-        "--module", "sad3_megatron.cli", "train", "configs/demo.yaml", *TINY,
+        str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
+        "--master_port", str(launch.free_port()),
+        "--module", "sad3_megatron.cli", "train", "configs/demo.yaml", *launch.overrides,
         "train.steps=2", "parallel.zero_stage=1", f"run.out_dir={tmp_path / 'run'}",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch.env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(losses(tmp_path / "run")) == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "model.safetensors").is_file()

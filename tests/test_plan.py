@@ -6,7 +6,8 @@ import torch
 from sad3_megatron.cli import main
 from sad3_megatron.config import load_config
 from sad3_megatron.engine.plan import make_plan, parameter_count
-from sad3_megatron.model import build_model, make_spec
+from sad3_megatron.model.build import build_model
+from sad3_megatron.model.transformer import make_spec
 
 
 def test_parameter_count_matches_the_built_model():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from sad3_megatron.cli import main
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.evaluation.plots import read_run
 
 

@@ -4,7 +4,6 @@ resumable trainer state. Faults come from the test-only hook $SAD3_FAULT_INJECT 
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,15 +13,13 @@ from safetensors.torch import load_file
 
 from sad3_megatron.cli import main
 from sad3_megatron.config import load_config
-from sad3_megatron.diffusion import NoiseSchedule
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.core.schedules import NoiseSchedule
 from sad3_megatron.engine.guard import FAULT_ENV, injected_fault
 from sad3_megatron.engine.metrics import strict_record
 from sad3_megatron.engine.trainer import Trainer, train
-from sad3_megatron.errors import Sad3Error
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from test_parallel import ENV, TINY, train_cmd  # noqa: E402
 
 SMALL = [
     "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2", "model.ffn_hidden_size=64", "model.seq_len=32",
@@ -184,11 +181,11 @@ def test_a_resumed_run_restores_a_noise_schedule_that_differs_from_the_config(tm
 
 
 @pytest.mark.slow
-def test_sigterm_mid_run_saves_the_current_step_exits_0_and_resumes_exactly(tmp_path):
+def test_sigterm_mid_run_saves_the_current_step_exits_0_and_resumes_exactly(launch, tmp_path):
     common = ["train.steps=60", "train.save_interval=1000", "train.ema_decay=0.5"]
     run = tmp_path / "stopped"
-    cmd = train_cmd(1) + ["configs/demo.yaml", *TINY, *common, f"run.out_dir={run}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = launch.train_cmd(1) + ["configs/demo.yaml", *launch.overrides, *common, f"run.out_dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launch.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().count("\n") >= 2:
         assert proc.poll() is None and time.time() < deadline, "training ended before the signal"
@@ -203,11 +200,11 @@ def test_sigterm_mid_run_saves_the_current_step_exits_0_and_resumes_exactly(tmp_
     assert f"stopped by a signal at step {stopped_at} of 60" in out
     assert max(losses(run)) == stopped_at and (run / "preempted").read_text().strip() == str(stopped_at)
 
-    subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
+    subprocess.run(cmd, cwd=ROOT, env=launch.env, check=True, capture_output=True, timeout=600)
     straight = tmp_path / "straight"
     subprocess.run(
-        train_cmd(1) + ["configs/demo.yaml", *TINY, *common, f"run.out_dir={straight}"],
-        cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600,
+        launch.train_cmd(1) + ["configs/demo.yaml", *launch.overrides, *common, f"run.out_dir={straight}"],
+        cwd=ROOT, env=launch.env, check=True, capture_output=True, timeout=600,
     )  # fmt: skip
     assert losses(run) == losses(straight) and sorted(losses(run)) == list(range(1, 61))
     assert not (run / "preempted").exists()
@@ -215,9 +212,9 @@ def test_sigterm_mid_run_saves_the_current_step_exits_0_and_resumes_exactly(tmp_
     assert all(torch.equal(final[k], reference[k]) for k in final)
 
 
-def run_torchrun(out: Path, overrides: list[str], nproc: int, fault: str = "") -> subprocess.CompletedProcess:
-    env = {**ENV, FAULT_ENV: fault}
-    cmd = train_cmd(nproc) + ["configs/demo.yaml", *TINY, *overrides, f"run.out_dir={out}"]
+def run_torchrun(launch, out: Path, overrides: list[str], nproc: int, fault: str = "") -> subprocess.CompletedProcess:
+    env = {**launch.env, FAULT_ENV: fault}
+    cmd = launch.train_cmd(nproc) + ["configs/demo.yaml", *launch.overrides, *overrides, f"run.out_dir={out}"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

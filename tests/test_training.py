@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from sad3_megatron.config import load_config
-from sad3_megatron.data import load_corpus, load_tokenizer
+from sad3_megatron.data.corpus import load_corpus
+from sad3_megatron.data.tokenizers import load_tokenizer
 from sad3_megatron.engine.trainer import train
 
 SMALL = [
@@ -150,14 +151,13 @@ def test_init_from_starts_stage_two_from_exactly_the_stage_one_weights(trained, 
 
 
 def test_consolidate_tool_writes_the_checkpoint_weights(trained, tmp_path, capsys):
-    import sys
+    import runpy
     from pathlib import Path
 
     import torch
     from safetensors.torch import load_file
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-    from consolidate_checkpoint import main
+    main = runpy.run_path(str(Path(__file__).resolve().parent.parent / "tools" / "consolidate_checkpoint.py"))["main"]
 
     ckpt = trained["sad3"] / "checkpoints" / "step_0000002"
     for flag, name in ((), "model"), (("--ema",), "ema"):

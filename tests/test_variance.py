@@ -13,22 +13,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MASK_ID, random_tokens, tiny_model
 
-from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule
-from sad3_megatron.diffusion.variance import GradientSums, batch_gradient, block_losses, elbo_variance
-from sad3_megatron.engine.schedule_search import ScheduleSearch, parse_grid, reference_grid
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.core.objectives import BlockDiffusionObjective
+from sad3_megatron.core.schedules import make_schedule, parse_grid, reference_grid
+from sad3_megatron.core.variance import GradientSums, batch_gradient, block_losses, elbo_variance
+from sad3_megatron.engine.schedule_search import ScheduleSearch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gradient_variance_equals_eq_9_by_hand():
+def test_gradient_variance_equals_eq_9_by_hand(tiny):
     """Eq. 9: (1/(M-1)) Σ_m ‖g_m - ḡ‖² of M independent minibatch gradients, here taken one batch at a time
     with .backward() and stacked, against the streaming sums of diffusion/variance.py."""
-    model = tiny_model(seed=5)
-    objective = BlockDiffusionObjective(16, 4, make_schedule("clipped", 0.3, 0.8), MASK_ID)
-    batches = [random_tokens(3, 16, seed=m) for m in range(5)]
+    model = tiny.model(seed=5)
+    objective = BlockDiffusionObjective(16, 4, make_schedule("clipped", 0.3, 0.8), tiny.mask_id)
+    batches = [tiny.tokens(3, 16, seed=m) for m in range(5)]
     stacked = []
     for m, x in enumerate(batches):
         model.zero_grad()
@@ -69,9 +69,9 @@ def clipped_var_elbo(c: float, n: int, beta: float, omega: float) -> float:
     return c * c / n * (math.log(omega / beta) / (omega - beta) - 1.0)
 
 
-def test_var_elbo_matches_the_closed_form_on_a_designed_loss():
+def test_var_elbo_matches_the_closed_form_on_a_designed_loss(tiny):
     c, n = 1.5, 4
-    objective = BlockDiffusionObjective(64, n, make_schedule("linear"), MASK_ID, clean_prefix=0)
+    objective = BlockDiffusionObjective(64, n, make_schedule("linear"), tiny.mask_id, clean_prefix=0)
     x = torch.zeros(800, 64, dtype=torch.long)
     losses = block_losses(
         ConstantLoss(c), objective, x, torch.Generator().manual_seed(0), make_schedule("clipped", 0.3, 0.8)
@@ -83,10 +83,10 @@ def test_var_elbo_matches_the_closed_form_on_a_designed_loss():
     assert stats.per_sequence == pytest.approx(clipped_var_elbo(c, n, 0.3, 0.8) / 16, rel=0.15)
 
 
-def test_search_picks_the_known_minimum():
+def test_search_picks_the_known_minimum(tiny):
     """On the designed loss, Var. ELBO ∝ ln(ω/β)/(ω - β) - 1: of these ranges U[0.5, 1] has the least."""
     grid = [(0.1, 0.6), (0.3, 0.8), (0.5, 1.0), (0.45, 0.95)]
-    objective = BlockDiffusionObjective(64, 4, make_schedule("linear"), MASK_ID, clean_prefix=0)
+    objective = BlockDiffusionObjective(64, 4, make_schedule("linear"), tiny.mask_id, clean_prefix=0)
     search = ScheduleSearch(grid, "elbo", batches=50, batch_size=16)
     result = search.run(
         ConstantLoss(1.0), objective, torch.zeros(800, 64, dtype=torch.long).numpy(), torch.device("cpu")

@@ -1,6 +1,6 @@
 """Sampling speed of an exported model against `sad3 sample`'s model of the same checkpoint, in one run.
 
-Both run the same Alg. 2 (`hf/generate.py`) with the same settings and seeds; rounds alternate
+Both run the same Alg. 2 (`core/generate.py`) with the same settings and seeds; rounds alternate
 between the two so machine load affects both alike. Prints tokens/s (medians) and their ratio, and
 checks that the two produced the same tokens.
 
@@ -12,9 +12,9 @@ import statistics
 
 import torch
 
+from sad3_megatron.core.generate import SamplingConfig, generate
 from sad3_megatron.engine.build import load_components
 from sad3_megatron.hf.modeling_sad3 import Sad3ForMaskedLM
-from sad3_megatron.sampling import SamplingConfig, generate
 
 
 def main() -> None:

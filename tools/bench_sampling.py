@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from sad3_megatron.config import ModelConfig
+from sad3_megatron.core.generate import SamplingConfig, generate
+from sad3_megatron.core.model_config import ModelConfig
 from sad3_megatron.engine.distributed import init_distributed
-from sad3_megatron.model import build_model, make_spec
-from sad3_megatron.sampling import SamplingConfig, generate
+from sad3_megatron.model.build import build_model
+from sad3_megatron.model.transformer import make_spec
 
 
 def timed(model, args, **settings) -> tuple[float, float]:
@@ -32,7 +33,7 @@ def timed(model, args, **settings) -> tuple[float, float]:
     start = time.perf_counter()
     result = generate(
         model, config, seq_len=args.seq_len, mask_id=args.vocab_size - 1, eos_id=None, prompt=[0],
-        autoregressive=settings.get("block_size") == 1,
+        objective="ar" if settings.get("block_size") == 1 else "sad3",
     )  # fmt: skip
     if model.embedding.embed.weight.device.type == "cuda":
         torch.cuda.synchronize()

@@ -13,7 +13,9 @@ import shutil
 import tempfile
 import time
 
-from sad3_megatron.data import load_recipe, load_tokenizer, prepare
+from sad3_megatron.data.preparation import prepare
+from sad3_megatron.data.recipes import load_recipe
+from sad3_megatron.data.tokenizers import load_tokenizer
 
 
 def cpu_seconds() -> float:

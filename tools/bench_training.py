@@ -31,16 +31,18 @@ from dataclasses import dataclass
 
 import torch
 
-from sad3_megatron.attention import AttentionMask
-from sad3_megatron.config import ModelConfig
-from sad3_megatron.diffusion import BlockDiffusionObjective, build_objective, loss_terms, make_schedule, token_weights
+from sad3_megatron.core.diffusion_config import DiffusionConfig
+from sad3_megatron.core.masks import AttentionMask, block_diffusion_visible
+from sad3_megatron.core.model_config import ModelConfig
+from sad3_megatron.core.objectives import BlockDiffusionObjective, loss_terms, token_weights
+from sad3_megatron.core.registry import build_objective
 from sad3_megatron.engine.distributed import init_distributed
 from sad3_megatron.engine.flops import peak_tflops, training_flops_per_sequence
-from sad3_megatron.hf.masks import block_diffusion_visible
-from sad3_megatron.model import build_model, make_spec
 from sad3_megatron.model.activation_checkpointing import apply_activation_checkpointing
+from sad3_megatron.model.build import build_model
 from sad3_megatron.model.compile import compile_layers
 from sad3_megatron.model.fp8 import enable_fp8, require_fp8
+from sad3_megatron.model.transformer import make_spec
 
 DEFAULT_VARIANTS = "bd3:sdpa:fp32,naive:sdpa:fp32,mdlm:sdpa:fp32"
 
@@ -96,10 +98,8 @@ class Variant:
         self.kind, self.naive = objective, objective == "naive"
         self.block_size = args.seq_len if objective == "mdlm" else args.block_size
         kind = "ar" if objective.startswith("ar") else "sad3"
-        self.objective = build_objective(
-            kind, args.seq_len, self.block_size, make_schedule("clipped", 0.3, 0.8), mask_id,
-            ar_random_tokens=objective == "ar-random",
-        )  # fmt: skip
+        diffusion = DiffusionConfig(objective=kind, block_size=self.block_size, ar_random_tokens=objective == "ar-random")
+        self.objective = build_objective(diffusion, args.seq_len, mask_id)
         torch.manual_seed(0)  # every variant starts from the same weights
         chunk = 4096 if "chunk" in options else 0
         spec = make_spec(ModelConfig(preset=args.preset, dropout=0.0, loss_chunk_tokens=chunk), vocab, mask_id, backend)
@@ -115,8 +115,8 @@ class Variant:
         fused = {"fused": True} if device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **fused)
         self.flops = args.batch_size * training_flops_per_sequence(
-            spec.num_layers, spec.hidden_size, spec.ffn_hidden_size, spec.padded_vocab_size,
-            args.seq_len, self.block_size, "ar" if objective.startswith("ar") else "sad3",
+            spec.model.num_layers, spec.model.hidden_size, spec.model.ffn_hidden_size, spec.padded_vocab_size,
+            self.objective,
         )  # fmt: skip
         self.device, self.times, self.losses, self.peak_gib = device, [], [], None
 

@@ -15,8 +15,8 @@ import sys
 
 from safetensors.torch import save_file
 
+from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.engine.checkpoint import read_checkpoint, resolve_checkpoint
-from sad3_megatron.errors import Sad3Error
 
 
 def from_deepspeed(checkpoint) -> dict:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-from sad3_megatron.config import PRESETS, load_config
-from sad3_megatron.data import load_tokenizer
+from sad3_megatron.config import load_config
+from sad3_megatron.core.model_config import PRESETS
+from sad3_megatron.data.tokenizers import load_tokenizer
 from sad3_megatron.engine.plan import make_plan
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.data.packing import PackedSequences
 from sad3_megatron.data.preparation import default_cache_dir, prepare
 from sad3_megatron.data.recipes import DataRecipe, files_recipe, load_recipe
@@ -16,7 +17,6 @@ from sad3_megatron.data.shards import MANIFEST, PreparedData, open_prepared
 from sad3_megatron.data.sources import REPO_ROOT, expand_paths
 from sad3_megatron.data.tokenizers import Tokenizer, load_tokenizer
 from sad3_megatron.data.zero_shot import zero_shot_recipe
-from sad3_megatron.errors import Sad3Error
 
 if TYPE_CHECKING:
     from sad3_megatron.config import DataConfig

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
 
 Rule = tuple[str, str, bool]  # (pattern, replacement, is_regex)
 

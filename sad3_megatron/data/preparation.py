@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.data.detokenizers import get_detokenizer
 from sad3_megatron.data.recipes import DataRecipe
 from sad3_megatron.data.shards import (
@@ -38,7 +39,6 @@ from sad3_megatron.data.shards import (
 )
 from sad3_megatron.data.sources import Unit, open_units, read_dataset_documents, read_text_documents
 from sad3_megatron.data.tokenizers import Tokenizer, load_tokenizer
-from sad3_megatron.errors import Sad3Error
 
 _ENCODE_BATCH = 256  # documents per tokenizer call
 # Bump when the text → document → token rules change, so fingerprints (and cached preparations) change with them.
@@ -92,6 +92,19 @@ class PrepareResult:
     manifest: dict
     built: list[str] = field(default_factory=list)  # shards written by this call
     reused: list[str] = field(default_factory=list)  # complete shards kept from an earlier call
+
+    def summary(self, name: str) -> str:
+        """One line: documents and tokens per split, shards built and kept, what was skipped."""
+        m = self.manifest
+        splits = ", ".join(
+            f"{split} {s['documents']:,} docs / {s['tokens']:,} tokens in {len(s['shards'])} shard(s)"
+            for split, s in m["splits"].items()
+        )
+        skipped = ", ".join(f"{v if isinstance(v, int) else len(v)} {k.replace('_', ' ')}" for k, v in m["skipped"].items())
+        return (
+            f"{name} ({m['tokenizer']['name']}) -> {self.root}: {splits}; {len(self.built)} shard(s) built, "
+            f"{len(self.reused)} kept; skipped: {skipped}; manifest {self.root / 'manifest.json'}"
+        )
 
 
 def _digest(obj) -> str:

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
+from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.data.detokenizers import DETOKENIZERS
-from sad3_megatron.errors import Sad3Error
 
 DOCUMENT_MODES = ("paragraph", "line", "file")  # how a plain-text file is cut into documents
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
 
 MANIFEST = "manifest.json"
 FORMAT = "sad3-token-shards/1 (megatron-core indexed_dataset .bin/.idx, one sequence per document)"

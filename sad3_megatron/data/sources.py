@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.data.recipes import SourceSpec
-from sad3_megatron.errors import Sad3Error
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DATASET_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}

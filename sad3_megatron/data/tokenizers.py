@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, BertTokenizerFast, GPT2TokenizerFast, PreTrainedTokenizerFast
 
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED = ("bert-base-uncased", "gpt2")

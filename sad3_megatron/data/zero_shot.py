@@ -7,9 +7,10 @@ dataset directory, json/parquet/csv files, or plain-text files with one document
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from sad3_megatron.data.recipes import DataRecipe, apply_overrides, recipe_from_dict
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.data.recipes import DataRecipe, apply_overrides, load_recipe, recipe_from_dict
 
 
 @dataclass(frozen=True)
@@ -68,3 +69,10 @@ def zero_shot_raw(name: str, tokenizer: str) -> dict:
 def zero_shot_recipe(name: str, tokenizer: str, path: str | None = None) -> DataRecipe:
     """Zero-shot set `name` read from the hub, or from the local copy at `path`."""
     return recipe_from_dict(apply_overrides(zero_shot_raw(name, tokenizer), [f"source.path={path}"] if path else []))
+
+
+def recipe_by_name(name: str, overrides: list[str] | tuple[str, ...] = ()) -> DataRecipe:
+    """`sad3 data prepare NAME`: a recipe YAML, or a zero-shot set by name (to cache it ahead)."""
+    if not Path(name).is_file() and name in ZERO_SHOT:
+        return recipe_from_dict(apply_overrides(zero_shot_raw(name, "gpt2"), overrides), f"zero-shot set {name}")
+    return load_recipe(name, overrides)

@@ -9,16 +9,17 @@ from pathlib import Path
 
 import torch
 
-from sad3_megatron.attention import resolve_backend
 from sad3_megatron.config import Config, ParallelConfig, config_from_dict
-from sad3_megatron.data import Tokenizer, load_tokenizer
-from sad3_megatron.data.tokenizers import BUNDLED
-from sad3_megatron.diffusion import build_objective, make_schedule
+from sad3_megatron.core.attention import resolve_backend
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.core.network import Network, set_attention_backend
+from sad3_megatron.core.objectives import Objective
+from sad3_megatron.core.registry import build_objective, objective_entry
+from sad3_megatron.data.tokenizers import BUNDLED, Tokenizer, load_tokenizer
 from sad3_megatron.engine.checkpoint import read_checkpoint
 from sad3_megatron.engine.distributed import init_distributed, resolve_device
-from sad3_megatron.errors import Sad3Error
-from sad3_megatron.hf.network import Network
-from sad3_megatron.model import SAD3Transformer, TransformerSpec, build_model, make_spec
+from sad3_megatron.model.build import build_model
+from sad3_megatron.model.transformer import SAD3Transformer, TransformerSpec, make_spec
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Components:
     # Anything with Eq. 6's interface model(tokens, positions, mask, *, past_kv, num_outputs, labels,
     # return_kv): the megatron-core model, or an export's network. None when a pipeline builds its stages.
     model: SAD3Transformer | Network | None
-    objective: object  # BlockDiffusionObjective | AutoregressiveObjective
+    objective: Objective  # built by core/registry.py from the config's `diffusion:` section
 
 
 def build_components(
@@ -39,28 +40,12 @@ def build_components(
     device = device or resolve_device(cfg.train.device)
     init_distributed(device, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    spec = make_spec(
-        cfg.model,
-        tokenizer.vocab_size,
-        tokenizer.mask_id,
-        resolve_backend(backend or cfg.model.attention_backend, device),
-    )
+    backend = resolve_backend(backend or cfg.model.attention_backend, device)
+    spec = make_spec(cfg.model, tokenizer.vocab_size, tokenizer.mask_id, backend)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every run and every parallel layout
     model = build_model(spec, device, cfg.parallel.sequence_parallel) if with_model else None
-    return Components(cfg, device, tokenizer, spec, model, _objective(cfg, tokenizer))
-
-
-def _objective(cfg: Config, tokenizer: Tokenizer):
-    d = cfg.diffusion
-    return build_objective(
-        d.objective,
-        cfg.model.seq_len,
-        d.block_size,
-        make_schedule(d.schedule, d.beta, d.omega, d.t_floor, d.masking),
-        tokenizer.mask_id,
-        d.antithetic,
-        ar_random_tokens=d.ar_random_tokens,
-    )
+    objective = build_objective(cfg.diffusion, cfg.model.seq_len, tokenizer.mask_id)
+    return Components(cfg, device, tokenizer, spec, model, objective)
 
 
 def is_export(path: str | Path) -> bool:
@@ -87,14 +72,15 @@ def load_export(
         raise Sad3Error(f"export {str(path)!r} has no training_config in config.json: export the checkpoint again")
     cfg = config_from_dict(hf_config.training_config)
     cfg.parallel = ParallelConfig()
-    hf_config.attention_backend = resolve_backend(backend or "auto", device)
-    cls = Sad3ForCausalLM if hf_config.objective == "ar" else Sad3ForMaskedLM
+    cls = Sad3ForCausalLM if objective_entry(cfg.diffusion.objective).autoregressive else Sad3ForMaskedLM
     model = cls.from_pretrained(str(path), config=hf_config, dtype=torch.float32).model.to(device).eval()
+    set_attention_backend(model, resolve_backend(backend or "auto", device))
     tokenizer = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer in BUNDLED else str(path))
     ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id)
     if ids != (hf_config.bos_token_id, hf_config.eos_token_id, hf_config.mask_token_id):
         raise Sad3Error(f"export {str(path)!r}: its tokenizer's BOS/EOS/mask ids {ids} differ from config.json's")
-    return Components(cfg, device, tokenizer, None, model, _objective(cfg, tokenizer))
+    objective = build_objective(cfg.diffusion, cfg.model.seq_len, tokenizer.mask_id)
+    return Components(cfg, device, tokenizer, None, model, objective)
 
 
 def load_components(

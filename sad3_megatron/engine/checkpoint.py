@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sad3_megatron.config import Config, config_from_dict, save_config
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
 
 LATEST = "latest"
 MANIFEST = "manifest.json"

@@ -47,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            from sad3_megatron.errors import Sad3Error
+            from sad3_megatron.core.errors import Sad3Error
 
             raise Sad3Error(
                 "train.device=cuda but torch sees no GPU: use train.device=cpu or install a CUDA build of torch"

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from sad3_megatron.attention import AttentionMask
+from sad3_megatron.core.masks import AttentionMask
+from sad3_megatron.core.objectives import Objective
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {
@@ -31,17 +32,11 @@ def visible_pairs(mask: AttentionMask) -> int:
     return int(mask.dense().sum())
 
 
-def training_flops_per_sequence(
-    num_layers: int, hidden: int, ffn: int, vocab: int, seq_len: int, block_size: int, objective: str
-) -> float:
-    """Forward + backward model FLOPs for one training sequence of length L."""
-    if objective == "ar":
-        tokens, pairs = seq_len - 1, visible_pairs(AttentionMask.causal(seq_len - 1))
-        outputs = seq_len - 1
-    elif block_size == seq_len:  # MDLM: the clean half is not run at all
-        tokens, pairs, outputs = seq_len, seq_len * seq_len, seq_len
-    else:
-        tokens, pairs, outputs = 2 * seq_len, visible_pairs(AttentionMask.doubled(seq_len, block_size)), seq_len
+def training_flops_per_sequence(num_layers: int, hidden: int, ffn: int, vocab: int, objective: Objective) -> float:
+    """Forward + backward model FLOPs for one training row under `objective`'s layout: its input length
+    (2L for x_t ⊕ x, L for MDLM / SEDD, L - 1 for AR), its mask and the rows it scores."""
+    tokens, outputs = objective.positions.numel(), objective.num_outputs
+    pairs = visible_pairs(objective.mask)
     linear = 2 * tokens * num_layers * (4 * hidden * hidden + 2 * hidden * ffn)
     attention = 4 * pairs * hidden * num_layers
     output = 2 * outputs * hidden * vocab

@@ -11,7 +11,8 @@ from typing import Any
 from tqdm import tqdm
 
 from sad3_megatron.config import Config
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.core.likelihood import held_out_words
 
 
 class MetricsLog:
@@ -61,9 +62,8 @@ class MetricsLog:
         shown = {k: record[k] for k in ("loss", "val_nelbo", "lr", "tokens_per_s") if record.get(k) is not None}
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         if record.get("val_nelbo") is not None:
-            self.bar.write(
-                f"step {record['step']}: held-out NELBO {record['val_nelbo']:.4f}/token (PPL <= {record['val_ppl']:.2f})"
-            )
+            words = held_out_words(record["val_nelbo"], record["val_ppl"], record.get("val_exact", False))
+            self.bar.write(f"step {record['step']}: {words}")
 
     def close(self) -> None:
         self.bar.close()

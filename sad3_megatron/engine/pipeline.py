@@ -24,11 +24,11 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 
-from sad3_megatron.attention import AttentionMask, DocumentMask
-from sad3_megatron.diffusion import AutoregressiveObjective, TrainingPass, evaluation_schedule
-from sad3_megatron.evaluation import BoundEstimate
-from sad3_megatron.evaluation.likelihood import rows_and_documents
-from sad3_megatron.hf.rotary import RotaryEmbedding
+from sad3_megatron.core.likelihood import BoundEstimate, rows_and_documents
+from sad3_megatron.core.masks import AttentionMask, DocumentMask
+from sad3_megatron.core.objectives import TrainingPass
+from sad3_megatron.core.rotary import RotaryEmbedding
+from sad3_megatron.core.schedules import evaluation_schedule
 from sad3_megatron.model.transformer import (
     Embedding,
     OutputHead,
@@ -66,7 +66,7 @@ class LayerStage(TransformerLayer):
     ):  # fmt: skip
         init_seed(base_seed, 1 + index)
         super().__init__(spec, mp)
-        self.rotary = RotaryEmbedding(spec.hidden_size // spec.num_heads, spec.rotary_base)
+        self.rotary = RotaryEmbedding(spec.model.head_dim, spec.model.rotary_base)
         self.register_buffer("positions", positions.clone(), persistent=False)
         self.mask, self.keep = mask, keep
 
@@ -80,7 +80,7 @@ class LayerStage(TransformerLayer):
 
 class HeadStage(OutputHead):
     def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig, base_seed: int):
-        init_seed(base_seed, 1 + spec.num_layers)
+        init_seed(base_seed, 1 + spec.model.num_layers)
         super().__init__(spec, mp)
 
     def forward(self, inputs):
@@ -95,7 +95,7 @@ def pipeline_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tenso
 
 def build_pipeline(spec: TransformerSpec, mp: ModelParallelConfig, objective, base_seed: int) -> PipelineModule:
     """The model as a PipelineModule over megatron-core's process groups (same rank layout)."""
-    n = spec.num_layers
+    n = spec.model.num_layers
     layers = [LayerSpec(EmbeddingStage, spec, mp, base_seed)]
     for i in range(n):
         keep = objective.num_outputs if i == n - 1 else None
@@ -144,7 +144,7 @@ def pipeline_bound(
 ) -> BoundEstimate:  # fmt: skip
     """The held-out bound of `evaluation.estimate_bound`, run through the pipeline stages (one draw
     of t ~ U[0, 1] per block; whole micro-batches only, as the pipeline's buffers are fixed-size)."""
-    exact = isinstance(objective, AutoregressiveObjective)
+    exact = objective.autoregressive
     schedule = None if exact else evaluation_schedule()
     generator = torch.Generator().manual_seed(seed * 1_000_003)
     losses = []

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from sad3_megatron.config import Config, resolved_model_sizes
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.config import Config
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.core.registry import build_objective
 
 GIB = 1024**3
 
@@ -66,8 +67,8 @@ def gradient_accumulation(cfg: Config, dp: int) -> int:
 
 
 def parameter_count(cfg: Config, vocab_size: int) -> int:
-    s = resolved_model_sizes(cfg.model)
-    h, f, n = s["hidden_size"], s["ffn_hidden_size"], s["num_layers"]
+    s = cfg.model.resolved()
+    h, f, n = s.hidden_size, s.ffn_hidden_size, s.num_layers
     padded = -(-vocab_size // 128) * 128
     per_layer = 4 * h * h + 2 * h * f + f + h + 4 * h  # qkv + proj, MLP with biases, two LayerNorms
     return n * per_layer + 2 * padded * h + 2 * h  # + embedding, output layer, final LayerNorm
@@ -123,9 +124,10 @@ def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1, voca
     grads = 4 * local / (dp if z >= 2 else 1)
     adam = 8 * local / (dp if z >= 1 else 1)
     ema = 4 * local / (dp if z >= 3 else 1) if cfg.train.ema_decay > 0 else 0.0  # partitioned like the weights
-    sizes = resolved_model_sizes(m)
-    s = 2 * m.seq_len if cfg.diffusion.objective == "sad3" and cfg.diffusion.block_size < m.seq_len else m.seq_len
-    b, h, layers = cfg.train.micro_batch_size, sizes["hidden_size"], sizes["num_layers"]
+    sizes = m.resolved()
+    objective = build_objective(cfg.diffusion, m.seq_len, mask_id=0)  # only its layout is read
+    s = objective.positions.numel()  # rows of the transformer input: 2L for x_t ⊕ x
+    b, h, layers = cfg.train.micro_batch_size, sizes.hidden_size, sizes.num_layers
     half_precision = cfg.train.precision != "fp32"
     # Per layer, bytes kept for backward in 16-bit (Korthikanti et al., 2022, with a fused attention
     # kernel: no s² term): 34·sbh, of which 24·sbh is split by TP. Sequence parallelism splits the rest.
@@ -140,7 +142,7 @@ def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1, voca
     # 1F1B keeps up to PP micro-batches in flight on the first stage, each over layers/PP layers.
     in_flight = min(p.pipeline_parallel, grad_accum) if p.pipeline_parallel > 1 else 1
     activations = per_layer * layers / p.pipeline_parallel * in_flight + recompute * (1 if half_precision else 2)
-    outputs = m.seq_len - 1 if cfg.diffusion.objective == "ar" else m.seq_len
+    outputs = objective.num_outputs
     padded_vocab = -(-vocab_size // 128) * 128
     logits = b * outputs * padded_vocab / t * (4 + 4)  # fp32 logits, and the softmax the loss keeps
     return {
@@ -152,3 +154,17 @@ def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1, voca
         "logits": logits / GIB,
         "total": (weights + grads + adam + ema + activations + logits) / GIB,
     }
+
+
+def describe_plan(cfg: Config, world_size: int) -> list[str]:
+    """`sad3 train --dry-run`: the run in one line, then the plan's lines."""
+    from sad3_megatron.data.tokenizers import load_tokenizer
+
+    plan = make_plan(cfg, world_size, load_tokenizer(cfg.data.tokenizer).vocab_size)
+    fp8 = " + fp8 GEMMs" if cfg.train.fp8 else ""
+    head = (
+        f"sad3 train --dry-run: {cfg.run.name}, {cfg.model.preset} model, L={cfg.model.seq_len}, "
+        f"L'={cfg.diffusion.block_size}, objective={cfg.diffusion.objective}, ZeRO-{cfg.parallel.zero_stage}, "
+        f"precision {cfg.train.precision}{fp8}"
+    )
+    return [head, *("  " + line for line in plan.lines())]

@@ -7,8 +7,8 @@ held-out batches and pick the range whose estimate has the least variance.
     log(result.metrics())                       # every candidate's variance, and the choice
 
 The criterion is Var. ELBO (`elbo`, the paper's proxy and the reference code's: the per-block
-variance of diffusion/variance.py) or the gradient variance of Eq. 9 (`grad`). Every candidate is
-scored with the weight it trains with (1/t, hf/schedules.py) and the run's masking, on the same
+variance of core/variance.py) or the gradient variance of Eq. 9 (`grad`). Every candidate is
+scored with the weight it trains with (1/t, core/schedules.py) and the run's masking, on the same
 batches with the same uniforms (common random numbers: candidates differ by their range only). The
 batches are split over the ranks of `group` (rank r takes batches r, r + W, ...); per-block losses
 are gathered and gradient sums all-reduced, so W ranks give the single-process variances.
@@ -21,48 +21,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from sad3_megatron.diffusion.variance import (
-    GradientSums,
-    batch_gradient,
-    block_losses,
-    elbo_variance,
-    select_parameters,
-)
-from sad3_megatron.errors import Sad3Error
-from sad3_megatron.evaluation.likelihood import rows_and_documents
-from sad3_megatron.hf.schedules import T_FLOOR, NoiseSchedule, make_schedule
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.core.likelihood import rows_and_documents
+from sad3_megatron.core.schedules import T_FLOOR, NoiseSchedule, make_schedule, parse_grid
+from sad3_megatron.core.variance import GradientSums, batch_gradient, block_losses, elbo_variance, select_parameters
 
 CRITERIA = ("elbo", "grad")
-
-
-def reference_grid(block_size: int) -> list[tuple[float, float]]:
-    """The reference code's candidates: (1e-3, 1), then for widths 0.5, 0.6, ..., 0.9 every start
-    0, 0.05, ... up to 1 - width (36 ranges); for L' = 1 only (1e-3, 1) and full masking (1, 1)."""
-    if block_size == 1:
-        return [(T_FLOOR, 1.0), (1.0, 1.0)]
-    grid = [(T_FLOOR, 1.0)]
-    for width in (0.5, 0.6, 0.7, 0.8, 0.9):
-        for i in range(round((1.0 - width) / 0.05) + 1):
-            beta = round(0.05 * i, 4)
-            grid.append((max(beta, T_FLOOR), round(beta + width, 4)))
-    return grid
-
-
-def parse_grid(spec: str, block_size: int) -> list[tuple[float, float]]:
-    """`reference` or `B:W,B:W,...` (each a clipped range U[B, W])."""
-    if spec == "reference":
-        return reference_grid(block_size)
-    grid = []
-    for item in spec.split(","):
-        try:
-            beta, omega = (float(v) for v in item.split(":"))
-        except ValueError:
-            raise Sad3Error(
-                f"diffusion.search_grid item {item!r} must be BETA:OMEGA (e.g. 0.3:0.8), or the grid 'reference'"
-            ) from None
-        make_schedule("clipped", beta, omega)  # the same range checks as the config's
-        grid.append((beta, omega))
-    return grid
 
 
 @dataclass

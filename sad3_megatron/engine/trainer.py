@@ -23,8 +23,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from sad3_megatron.config import Config, save_config
-from sad3_megatron.data import batch_rows, load_corpus
-from sad3_megatron.diffusion import NoiseSchedule
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.core.likelihood import estimate_bound, held_out_words
+from sad3_megatron.core.schedules import NoiseSchedule
+from sad3_megatron.data.corpus import load_corpus
+from sad3_megatron.data.sampler import batch_rows
 from sad3_megatron.engine.build import build_components
 from sad3_megatron.engine.checkpoint import (
     latest_checkpoint,
@@ -48,10 +51,8 @@ from sad3_megatron.engine.pipeline import build_pipeline, pipeline_batch, pipeli
 from sad3_megatron.engine.plan import gradient_accumulation, parameter_count
 from sad3_megatron.engine.preemption import clear_marker, stop_on_signals, write_marker
 from sad3_megatron.engine.schedule_search import ScheduleSearch
-from sad3_megatron.errors import Sad3Error
-from sad3_megatron.evaluation import estimate_bound
-from sad3_megatron.model import build_model, model_parallel_config, prepare_sequence_parallel
 from sad3_megatron.model.activation_checkpointing import apply_activation_checkpointing
+from sad3_megatron.model.build import build_model, model_parallel_config, prepare_sequence_parallel
 from sad3_megatron.model.compile import compile_layers
 from sad3_megatron.model.fp8 import enable_fp8, require_fp8
 
@@ -207,6 +208,10 @@ class TrainResult:
     val: dict | None
     stopped_early: bool = False  # a stop signal ended the run before train.steps (a checkpoint holds it)
 
+    def val_line(self) -> str:
+        v = self.val
+        return held_out_words(v["nelbo_per_token"], v["ppl"], v["exact"]) if v else "no held-out evaluation"
+
 
 @dataclass
 class StepOutcome:
@@ -235,7 +240,7 @@ class Trainer:
         parts = build_components(cfg, with_model=False)
         self.device, self.objective, self.spec = parts.device, parts.objective, parts.spec
         self.schedule: NoiseSchedule | None = getattr(self.objective, "schedule", None)  # AR: none
-        self.pipeline_layers = self.spec.num_layers if self.pipelined else None
+        self.pipeline_layers = self.spec.model.num_layers if self.pipelined else None
         self.dp_rank, self.dp_size = data_parallel_info()
         self.is_main = rank() == 0
         t.grad_accum_steps = gradient_accumulation(cfg, self.dp_size)  # from train.global_batch_size when set
@@ -482,8 +487,8 @@ class Trainer:
             for name, p in module.named_parameters():
                 ema_weights.update(gather_tensor_parallel({name: ema.whole(name, p)}, module))
         if self.pipelined:
-            weights = to_canonical(weights, self.spec.num_layers)
-            ema_weights = to_canonical(ema_weights, self.spec.num_layers) if ema else None
+            weights = to_canonical(weights, self.spec.model.num_layers)
+            ema_weights = to_canonical(ema_weights, self.spec.model.num_layers) if ema else None
         return weights, ema_weights
 
     def client_state(self, step: int) -> dict:
@@ -528,8 +533,8 @@ class Trainer:
             self.run_dir / "metrics.jsonl", t.steps, self.start_step, self.is_main, t.progress_bar, t.wandb, cfg
         )
         self.step_flops = self.global_batch * training_flops_per_sequence(
-            spec.num_layers, spec.hidden_size, spec.ffn_hidden_size, spec.padded_vocab_size, cfg.model.seq_len,
-            cfg.diffusion.block_size, cfg.diffusion.objective,
+            spec.model.num_layers, spec.model.hidden_size, spec.model.ffn_hidden_size, spec.padded_vocab_size,
+            self.objective,
         )  # fmt: skip
         self.peak = peak_tflops(self.device, t.peak_tflops)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -572,6 +577,7 @@ class Trainer:
                 "step": done,
                 "val_nelbo": val["nelbo_per_token"],
                 "val_ppl": val["ppl"],
+                "val_exact": val["exact"],
                 "elapsed": time.perf_counter() - self.started,
             }
         )

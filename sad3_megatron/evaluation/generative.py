@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from sad3_megatron.errors import Sad3Error
-from sad3_megatron.sampling import unigram_entropy
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.core.stopping import unigram_entropy
 
 
 @dataclass
@@ -62,7 +62,7 @@ def load_evaluator(path: str | Path, device: torch.device | str = "cpu"):
     if _is_checkpoint(path):
         import tempfile
 
-        from sad3_megatron.export import export_checkpoint
+        from sad3_megatron.engine.export import export_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
             export = export_checkpoint(path, Path(tmp) / "export")
@@ -170,45 +170,61 @@ def generative_perplexity(
     return GenerativePerplexity(math.exp(total / count), total / count, count, per_sample, max_length, stride)
 
 
-def load_samples(path: str | Path) -> list[dict]:
-    """The `samples` of a `sad3 sample --json` / `--out` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise Sad3Error(f"samples file {str(path)!r} not found: write one with `sad3 sample ... --out FILE`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise Sad3Error(f"samples file {str(path)!r} is not JSON ({err.msg} at line {err.lineno})") from None
-    samples = data.get("samples") if isinstance(data, dict) else None
-    if not isinstance(samples, list) or not all(isinstance(s, dict) and "text" in s for s in samples):
-        raise Sad3Error(f"{str(path)!r} is not a `sad3 sample` output: expected an object with a `samples` list")
-    if not samples:
-        raise Sad3Error(f"{str(path)!r} holds no samples")
-    return samples
-
-
 def summarize_samples(
-    samples: list[dict], evaluator=None, tokenizer=None, max_length: int = 1024, stride: int = 512
+    samples: list, evaluator=None, tokenizer=None, max_length: int = 1024, stride: int = 512
 ) -> dict:
     """Mean unigram entropy (of each sample's own token ids), NFEs, lengths, tokens/s and rejected
-    samples, plus the generative perplexity when an evaluator model and tokenizer are given (a
-    sample's `documents`, or its `text` as one document in files written before they existed)."""
+    samples of `SampleRecord`s (evaluation/samples.py), plus the generative perplexity when an
+    evaluator model and tokenizer are given (a sample's `documents`, or its `text` as one document
+    in files written before they existed)."""
 
     def mean(key: str) -> float | None:
-        values = [s[key] for s in samples if s.get(key) is not None]
+        values = [getattr(s, key) for s in samples if getattr(s, key) is not None]
         return sum(values) / len(values) if values else None
 
-    entropies = [float(unigram_entropy(torch.as_tensor(s["tokens"])[None])[0]) for s in samples if s.get("tokens")]
+    entropies = [float(unigram_entropy(torch.as_tensor(s.tokens)[None])[0]) for s in samples if s.tokens]
     result = {
         "samples": len(samples),
         "mean_length": mean("length"),
         "mean_nfe": mean("nfe"),
         "mean_tokens_per_s": mean("tokens_per_s"),
         "mean_unigram_entropy": sum(entropies) / len(entropies) if entropies else None,
-        "rejected_samples": sum(s.get("stop_reason") == "rejected" for s in samples),
+        "rejected_samples": sum(s.stop_reason == "rejected" for s in samples),
     }
     if evaluator is not None:
-        documents = [s.get("documents") or [s["text"]] for s in samples]
+        documents = [s.documents or [s.text] for s in samples]
         gen = generative_perplexity(documents, evaluator, tokenizer, max_length, stride)
         result.update({f"gen_{k}": v for k, v in asdict(gen).items()})
     return result
+
+
+def score_samples(path: str, evaluator: str | None = None, max_length: int = 1024, stride: int = 512) -> dict:
+    """`sad3 eval-samples`: the summary of a samples file, with Gen. PPL under `evaluator` when given."""
+    from sad3_megatron.engine.distributed import resolve_device
+    from sad3_megatron.evaluation.samples import SampleFile
+
+    if max_length < 2 or not 1 <= stride < max_length:
+        raise Sad3Error(f"--max-length must be >= 2 and 1 <= --stride < --max-length (got {max_length}, {stride})")
+    samples = SampleFile.read(path)
+    model = tokenizer = None
+    if evaluator:
+        model, tokenizer = load_evaluator(evaluator, resolve_device("auto"))
+    return {"samples_file": path, "evaluator": evaluator,
+            **summarize_samples(samples, model, tokenizer, max_length, stride)}  # fmt: skip
+
+
+def summary_line(summary: dict) -> str:
+    def fmt(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    line = (
+        f"{summary['samples']} samples: mean length {fmt(summary['mean_length'], '.1f')}, "
+        f"unigram entropy {fmt(summary['mean_unigram_entropy'], '.3f')} nats, "
+        f"NFEs {fmt(summary['mean_nfe'], '.1f')}, {fmt(summary['mean_tokens_per_s'], '.1f')} tokens/s"
+    )
+    if summary.get("gen_ppl") is not None:
+        line += (
+            f"; Gen. PPL {summary['gen_ppl']:.2f} under {summary['evaluator']} "
+            f"({summary['gen_scored_tokens']} tokens, windows {summary['gen_max_length']}/{summary['gen_stride']})"
+        )
+    return line

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
 
 
 @dataclass
@@ -58,6 +58,15 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_runs(run_dirs: Sequence[str], out: str | Path, labels: Sequence[str] | None = None, title: str = "") -> str:
+    """`sad3 plot`: read the runs, draw their curves, and say where the PNG went."""
+    labels = labels or []
+    if labels and len(labels) != len(run_dirs):
+        raise Sad3Error(f"--labels needs one label per run ({len(run_dirs)}), got {len(labels)}")
+    runs = [read_run(run, labels[i] if labels else None) for i, run in enumerate(run_dirs)]
+    return f"{len(runs)} run(s) -> {plot_curves(runs, out, title)}"
 
 
 def plot_curves(runs: Sequence[RunCurves], out: str | Path, title: str = "") -> Path:

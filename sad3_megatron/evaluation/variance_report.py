@@ -2,80 +2,99 @@
 and block size (a Table 7 / Table 2 of one's own model), as text, JSON rows and a PNG.
 
 Every schedule is scored on the same M minibatches of K held-out sequences with the same uniforms,
-under the weight it trains with (hf/schedules.py); see diffusion/variance.py for the definitions.
+under the weight it trains with (core/schedules.py); see core/variance.py for the definitions.
 """
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
 import torch
 
-from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule, parse_schedule
-from sad3_megatron.diffusion.variance import (
-    GradientSums,
-    batch_gradient,
-    block_losses,
-    elbo_variance,
-    select_parameters,
-)
-from sad3_megatron.errors import Sad3Error
-from sad3_megatron.evaluation.likelihood import rows_and_documents
+from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.core.field_help import described
+from sad3_megatron.core.likelihood import rows_and_documents
+from sad3_megatron.core.registry import build_objective
+from sad3_megatron.core.schedules import make_schedule, parse_schedule
+from sad3_megatron.core.variance import GradientSums, batch_gradient, block_losses, elbo_variance, select_parameters
 
 
-def _block_sizes(text: str | None, default: int, seq_len: int) -> list[int]:
-    try:
-        sizes = [int(v) for v in text.split(",")] if text else [default]
-    except ValueError:
-        raise Sad3Error(f"--block-size {text!r} must be comma-separated integers, e.g. 4,16") from None
-    for n in sizes:
-        if n < 1 or seq_len % n:
-            raise Sad3Error(f"--block-size {n} does not divide the model's context length {seq_len}: pick a divisor")
-    return sizes
+@dataclass
+class VarianceSettings:
+    """What `sad3 variance` measures (its flags are these fields)."""
+
+    block_size: str | None = field(default=None, metadata=described("L' values, comma-separated (default: the checkpoint's)"))
+    schedules: str | None = field(default=None, metadata=described(
+        "comma-separated NAME[:LO:HI][@MASKING], e.g. linear,clipped:0.3:0.8,cosine (default: the checkpoint's)"))  # fmt: skip
+    batches: int = field(default=8, metadata=described("M, independent minibatches"))
+    batch_size: int = field(default=16, metadata=described("K, sequences per minibatch"))
+    parameters: str = field(default="", metadata=described("gradient variance over parameters whose name contains this"))
+    grad: bool = field(default=True, metadata=described("Var. ELBO only (no backward passes)", flag="--no-grad", invert=True))
+    t_floor: float | None = field(default=None, metadata=described("smallest t drawn (default: the checkpoint's)"))
+    seed: int = field(default=0, metadata=described("seed of the noise draws"))
+    use_ema: bool = field(default=True, metadata=described("use the raw weights instead of the EMA weights",
+                                                        flag="--no-ema", invert=True))  # fmt: skip
+
+    def check(self) -> None:
+        """Everything that can be checked before the model loads."""
+        if self.batches < 2 or self.batch_size < 1:
+            raise Sad3Error(
+                f"--batches must be at least 2 and --batch-size at least 1 (got {self.batches}, {self.batch_size})"
+            )
+        for spec in (self.schedules or "linear").split(","):
+            parse_schedule(spec)
+
+    def block_sizes(self, default: int, seq_len: int) -> list[int]:
+        try:
+            sizes = [int(v) for v in self.block_size.split(",")] if self.block_size else [default]
+        except ValueError:
+            raise Sad3Error(f"--block-size {self.block_size!r} must be comma-separated integers, e.g. 4,16") from None
+        for n in sizes:
+            if n < 1 or seq_len % n:
+                raise Sad3Error(f"--block-size {n} does not divide the model's context length {seq_len}: pick a divisor")
+        return sizes
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
+def measure(checkpoint: str, settings: VarianceSettings) -> list[dict]:
     """One row per (L', schedule): Var. ELBO per block and per sequence, gradient variance, mean loss."""
-    from sad3_megatron.data import load_corpus
     from sad3_megatron.engine.build import load_components
 
-    if args.batches < 2 or args.batch_size < 1:
-        raise Sad3Error(
-            f"--batches must be at least 2 and --batch-size at least 1 (got {args.batches}, {args.batch_size})"
-        )
-    for spec in (args.schedules or "linear").split(","):
-        parse_schedule(spec)  # bad specs fail before the model loads
-    parts, _ = load_components(args.checkpoint, use_ema=not args.no_ema)
-    cfg, model, device = parts.cfg, parts.model, parts.device
+    settings.check()  # bad flags fail before the model loads
+    parts, _ = load_components(checkpoint, use_ema=settings.use_ema)
+    cfg, model = parts.cfg, parts.model
     if cfg.diffusion.objective != "sad3":
         raise Sad3Error(
             f"sad3 variance scores masked-diffusion (sad3) checkpoints; this one is {cfg.diffusion.objective}"
         )
     d = cfg.diffusion
-    floor = d.t_floor if args.t_floor is None else args.t_floor
-    if args.schedules:
-        schedules = [parse_schedule(s, floor, d.masking) for s in args.schedules.split(",")]
+    floor = d.t_floor if settings.t_floor is None else settings.t_floor
+    if settings.schedules:
+        schedules = [parse_schedule(s, floor, d.masking) for s in settings.schedules.split(",")]
     else:  # the checkpoint's own training schedule
         schedules = [make_schedule(d.schedule, d.beta, d.omega, floor, d.masking)]
-    sizes = _block_sizes(args.block_size, cfg.diffusion.block_size, cfg.model.seq_len)
-    sequences = load_corpus(cfg.data, parts.tokenizer, cfg.model.seq_len).val
-    if len(sequences) < args.batches * args.batch_size:
-        raise Sad3Error(
-            f"the held-out split has {len(sequences)} sequences, fewer than --batches × --batch-size = {args.batches * args.batch_size}"
-        )
-    batches = [
-        rows_and_documents(sequences, m * args.batch_size, (m + 1) * args.batch_size, device)
-        for m in range(args.batches)
-    ]
-    params = [p for _, p in select_parameters(model, args.parameters)]
+    sizes = settings.block_sizes(cfg.diffusion.block_size, cfg.model.seq_len)
+    batches = _held_out_batches(cfg, parts, settings)
+    params = [p for _, p in select_parameters(model, settings.parameters)]
     if not params:
-        raise Sad3Error(f"--parameters {args.parameters!r} matches no parameter name")
+        raise Sad3Error(f"--parameters {settings.parameters!r} matches no parameter name")
     rows = []
     for size in sizes:
-        objective = BlockDiffusionObjective(cfg.model.seq_len, size, schedules[0], parts.tokenizer.mask_id)
+        objective = build_objective(cfg.diffusion, cfg.model.seq_len, parts.tokenizer.mask_id, block_size=size)
         for schedule in schedules:
-            rows.append(_row(model, objective, schedule, batches, params, args.seed, not args.no_grad))
+            rows.append(_row(model, objective, schedule, batches, params, settings.seed, settings.grad))
     return rows
+
+
+def _held_out_batches(cfg, parts, settings: VarianceSettings) -> list:
+    from sad3_megatron.data.corpus import load_corpus
+
+    sequences = load_corpus(cfg.data, parts.tokenizer, cfg.model.seq_len).val
+    m, k = settings.batches, settings.batch_size
+    if len(sequences) < m * k:
+        raise Sad3Error(
+            f"the held-out split has {len(sequences)} sequences, fewer than --batches × --batch-size = {m * k}"
+        )
+    return [rows_and_documents(sequences, i * k, (i + 1) * k, parts.device) for i in range(m)]
 
 
 def _row(model, objective, schedule, batches, params, seed: int, with_grad: bool) -> dict:

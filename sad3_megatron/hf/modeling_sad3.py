@@ -1,10 +1,12 @@
 """transformers classes of an exported SAD3-LM: `Sad3ForMaskedLM` (block diffusion, any L') and
 `Sad3ForCausalLM` (the AR baseline, driven by transformers' own `generate()`).
 
-Both wrap the `Network` of `network.py`, the module the trainer runs (on megatron-core layers there,
-on nn.Linear / nn.Embedding here), so an export computes what the trainer computed, and the sampler
-(Alg. 2, `generate.py`) and the NELBO (Eq. 7/8, `objective.py`) are the package's own code. Loaded
-with `trust_remote_code=True`, these files need torch and transformers only.
+Both wrap the `Network` of `core/network.py`, the module the trainer runs (on megatron-core layers
+there, on nn.Linear / nn.Embedding here), so an export computes what the trainer computed; the
+objective and the sampler are built from `core/registry.py` by the run's own names, so a SEDD, AR,
+MDLM or block-diffusion export scores (`nelbo`) and samples (`generate_blocks`, Alg. 2) exactly as
+its run does. `sad3 export` ships these files beside the core files they import (with the imports
+made flat); loaded with `trust_remote_code=True` they need torch and transformers only.
 
 `forward(input_ids, ...)` follows transformers' conventions around Eq. 6, x_θ(tokens, K^{<b}, V^{<b}):
 `past_key_values` (a `Cache`, or the legacy per-layer (K, V) tuples) holds the clean prefix, and with
@@ -31,34 +33,23 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from ..core.errors import Sad3Error
+from ..core.generate import GenerationResult, SamplingConfig, generate
+from ..core.kv_cache import KV
+from ..core.likelihood import estimate_bound
+from ..core.masks import AttentionMask
+from ..core.network import Network, build_network, copy_unmasked, subs_blocked_ids
+from ..core.registry import build_objective, objective_entry
+from ..core.rotary import RotaryEmbedding
+from ..core.schedules import evaluation_schedule
 from .configuration_sad3 import Sad3Config
-from .errors import Sad3Error
-from .generate import GenerationResult, SamplingConfig, generate
-from .kv_cache import KV
-from .likelihood import estimate_bound
-from .masks import AttentionMask
-from .network import MLP, Attention, Embedding, Layer, Network, OutputHead, copy_unmasked, subs_blocked_ids
-from .objective import AutoregressiveObjective, BlockDiffusionObjective
-from .rotary import RotaryEmbedding
-from .schedules import evaluation_schedule
 
 WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
 
 
-def build_network(config: Sad3Config) -> Network:
-    """The network of `network.py` on plain torch layers, sized by `config` (module names as in training)."""
-    hidden, ffn, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    head_dim = hidden // config.num_attention_heads
-
-    def layer() -> Layer:
-        attn = Attention(nn.Linear(hidden, 3 * hidden, bias=False), nn.Linear(hidden, hidden, bias=False),
-                         head_dim, config.attention_backend)  # fmt: skip
-        return Layer(hidden, attn, MLP(nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)), config.hidden_dropout)
-
-    head = OutputHead(hidden, nn.Linear(hidden, vocab, bias=False), _blocked_ids(config))
-    rotary = RotaryEmbedding(head_dim, config.rope_theta)
-    return Network(Embedding(nn.Embedding(vocab, hidden)), rotary, [layer() for _ in range(config.num_hidden_layers)],
-                   head, vocab)  # fmt: skip
+def network_of(config: Sad3Config) -> Network:
+    """The network of `core/network.py` on plain torch layers, as `config` sizes it (module names as in training)."""
+    return build_network(config.model_config(), config.vocab_size, config.mask_token_id)
 
 
 def _blocked_ids(config: Sad3Config) -> torch.Tensor:
@@ -68,7 +59,7 @@ def _blocked_ids(config: Sad3Config) -> torch.Tensor:
 def expected_shapes(config: Sad3Config) -> dict[str, tuple[int, ...]]:
     """Name → shape of every tensor an export of `config` must hold (built on the meta device: no memory)."""
     with torch.device("meta"):
-        network = build_network(config)
+        network = network_of(config)
     return {f"model.{k}": tuple(v.shape) for k, v in network.state_dict().items()}
 
 
@@ -142,7 +133,8 @@ class Sad3PreTrainedModel(PreTrainedModel):
 
     def __init__(self, config: Sad3Config):
         super().__init__(config)
-        self.model = build_network(config)
+        config.check_standard_fields()
+        self.model = network_of(config)
         self.post_init()
 
     @classmethod
@@ -168,8 +160,8 @@ class Sad3PreTrainedModel(PreTrainedModel):
         """Recompute the non-persistent buffers (rotary frequencies, SUBS-blocked ids), which a load
         that builds the model on the meta device leaves uninitialised."""
         device = self.model.embedding.embed.weight.device
-        head_dim = self.config.hidden_size // self.config.num_attention_heads
-        self.model.rotary.inv_freq = RotaryEmbedding(head_dim, self.config.rope_theta).inv_freq.to(device)
+        model = self.config.model_config()
+        self.model.rotary.inv_freq = RotaryEmbedding(model.head_dim, model.rotary_base).inv_freq.to(device)
         self.model.head.blocked_ids = _blocked_ids(self.config).to(device)
 
     def get_input_embeddings(self) -> nn.Module:
@@ -205,42 +197,40 @@ class Sad3PreTrainedModel(PreTrainedModel):
         default [BOS] (documents were framed with BOS in training). `settings` are the fields of
         `SamplingConfig` (num_tokens, steps, sampler, threshold, temperature, top_p, batch_size,
         seed, kv_cache, window, window_keep, sliding, stop_at_eos, stop_rule, min_entropy,
-        entropy_window, max_redraws, block_size); unset ones come from generation_config.json.
-        num_tokens defaults to L - len(prompt) (prompt + sample = L tokens, Table 6). Runs on the
-        device and dtype of the weights."""
+        entropy_window, max_redraws, block_size); unset ones come from generation_config.json, then
+        from the run's objective (its sampler, core/registry.py). num_tokens defaults to
+        L - len(prompt) (prompt + sample = L tokens, Table 6). Runs on the device and dtype of the weights."""
         known = {f.name for f in fields(SamplingConfig)}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise Sad3Error(f"unknown sampling settings {unknown}: choose from {sorted(known)}")
         defaults = dict(getattr(self.generation_config, "sad3_sampling", None) or {})
-        config = SamplingConfig(**{"num_tokens": None, "block_size": self.config.block_size,
+        config = SamplingConfig(**{"block_size": self.config.block_size,
                                    **{k: v for k, v in defaults.items() if k in known}, **settings})  # fmt: skip
-        autoregressive = self.config.objective == "ar"
-        if autoregressive:
-            config.block_size = 1
         if input_ids is None:
             prompt = [self.config.bos_token_id]
         else:
             prompt = input_ids.reshape(-1).tolist() if torch.is_tensor(input_ids) else [int(i) for i in input_ids]
         return generate(self.model, config, seq_len=self.config.max_position_embeddings,
                         mask_id=self.config.mask_token_id, eos_id=self.config.eos_token_id, prompt=prompt,
-                        autoregressive=autoregressive)  # fmt: skip
+                        objective=self.config.objective)  # fmt: skip
 
     @torch.no_grad()
     def nelbo(self, input_ids: torch.Tensor, block_size: int | None = None, draws: int = 1, seed: int = 0) -> dict:
         """The per-token bound of the NLL of `input_ids` [b, n] (nats), as `sad3 eval` computes it
-        (`likelihood.estimate_bound`, one batch): the NELBO of Eq. 7/8 with t integrated out, averaged
-        over `draws` draws of the noise; exact for the AR baseline and at L' = 1 (the first token is
-        context). n must be a multiple of L' and at most L. Draw k uses seed·1000003 + k."""
+        (`likelihood.estimate_bound` with the run's objective, one batch): the NELBO of Eq. 7/8 (SEDD's
+        score-entropy bound for a SEDD run) with t integrated out, averaged over `draws` draws of the
+        noise; exact for the AR baseline and at L' = 1 (the first token is context). n must be a
+        multiple of L' and at most L. Draw k uses seed·1000003 + k."""
         x = torch.as_tensor(input_ids, device=self.model.embedding.embed.weight.device)
         x = x[None] if x.dim() == 1 else x
-        n, exact = x.shape[1], self.config.objective == "ar"
-        block = block_size or self.config.block_size
-        if n > self.config.max_position_embeddings or (not exact and n % block):
+        diffusion, n = self.config.diffusion_config(), x.shape[1]
+        block = 1 if objective_entry(diffusion.objective).autoregressive else (block_size or self.config.block_size)
+        if n > self.config.max_position_embeddings or n % block:
             raise Sad3Error(f"{n} tokens: score at most L={self.config.max_position_embeddings} tokens, a multiple of L'={block}")
-        objective = (AutoregressiveObjective(n) if exact else
-                     BlockDiffusionObjective(n, block, evaluation_schedule(), self.config.mask_token_id, self.config.antithetic))  # fmt: skip
-        return estimate_bound(self.model, objective, x, x.device, batch_size=len(x), draws=draws, seed=seed).to_dict()
+        objective = build_objective(diffusion, n, self.config.mask_token_id, block_size=block)
+        return estimate_bound(self.model, objective, x, x.device, batch_size=len(x), draws=draws, seed=seed,
+                              schedule=evaluation_schedule()).to_dict()  # fmt: skip
 
 
 class Sad3ForMaskedLM(Sad3PreTrainedModel):
@@ -297,4 +287,4 @@ class Sad3ForCausalLM(Sad3PreTrainedModel, GenerationMixin):
         return output.to_tuple() if return_dict is False else output
 
 
-__all__ = ["Sad3ForCausalLM", "Sad3ForMaskedLM", "Sad3PreTrainedModel", "build_network", "expected_shapes"]
+__all__ = ["Sad3ForCausalLM", "Sad3ForMaskedLM", "Sad3PreTrainedModel", "expected_shapes", "network_of"]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
 
 MODES = ("none", "selective", "full")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sad3_megatron.errors import Sad3Error
+from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.model.tp_linear import set_forward_impl
 
 E4M3 = getattr(torch, "float8_e4m3fn", None)

@@ -1,45 +1,38 @@
-"""The denoiser x_θ on megatron-core tensor-parallel layers: the network of `hf/network.py` (shared
+"""The denoiser x_θ on megatron-core tensor-parallel layers: the network of `core/network.py` (shared
 with the exported model), built from ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding.
 
 What is here is only what parallel layouts add: the layers themselves, how many heads a shard holds,
 the vocabulary padding and sharding of the output layer (vocab-parallel cross-entropy, gather of the
 logits), and where sequence parallelism splits the sequence (model/sequence_parallel.py). At TP = 1
-it runs as a plain module. Module names are those of `hf/network.py`, so the consolidated weights
+it runs as a plain module. Module names are those of `core/network.py`, so the consolidated weights
 load into the exported model 1:1 (after trimming the padded vocabulary rows).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
-from sad3_megatron.hf import network
-from sad3_megatron.hf.kv_cache import KV
-from sad3_megatron.hf.network import ModelOutput, subs_blocked_ids
-from sad3_megatron.hf.rotary import RotaryEmbedding
+from sad3_megatron.core import network
+from sad3_megatron.core.model_config import ModelConfig
+from sad3_megatron.core.network import subs_blocked_ids
+from sad3_megatron.core.rotary import RotaryEmbedding
 from sad3_megatron.model.chunked_loss import chunked_vocab_parallel_nll
 from sad3_megatron.model.sequence_parallel import first_rows, split_sequence
-
-__all__ = ["KV", "ModelOutput", "SAD3Transformer", "TransformerSpec"]
 
 
 @dataclass(frozen=True)
 class TransformerSpec:
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    ffn_hidden_size: int
+    """What the trainer's model is built from: the resolved `model:` section and the tokenizer's sizes."""
+
+    model: ModelConfig  # every size set (ModelConfig.resolved), the attention backend resolved
     vocab_size: int  # the tokenizer's vocabulary plus the mask token
     mask_id: int
-    dropout: float = 0.1
-    rotary_base: float = 10000.0
-    attention_backend: str = "sdpa"
-    loss_chunk_tokens: int = 0  # > 0: the output layer's loss in chunks of this many tokens (model/chunked_loss.py)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -48,6 +41,14 @@ class TransformerSpec:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         multiple = 128 if 128 % tp == 0 else 128 * tp
         return math.ceil(self.vocab_size / multiple) * multiple
+
+
+def make_spec(model: ModelConfig, vocab_size: int, mask_id: int, backend: str | None = None) -> TransformerSpec:
+    """The spec of `model` (its preset resolved) for a tokenizer, with `backend` as its attention kernel."""
+    resolved = model.resolved()
+    if backend is not None:
+        resolved = replace(resolved, attention_backend=backend)
+    return TransformerSpec(resolved, vocab_size, mask_id)
 
 
 def _normal_init(std: float):
@@ -77,24 +78,26 @@ class SelfAttention(network.Attention):
 
     def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig, out_std: float):
         # qkv laid out as (heads, 3, head_dim) so a column shard holds whole heads.
-        qkv = _column(mp, spec.hidden_size, 3 * spec.hidden_size, bias=False)
-        proj = _row(mp, spec.hidden_size, spec.hidden_size, bias=False, std=out_std)
-        super().__init__(qkv, proj, spec.hidden_size // spec.num_heads, spec.attention_backend)
+        m = spec.model
+        qkv = _column(mp, m.hidden_size, 3 * m.hidden_size, bias=False)
+        proj = _row(mp, m.hidden_size, m.hidden_size, bias=False, std=out_std)
+        super().__init__(qkv, proj, m.head_dim, m.attention_backend)
 
 
 class MLP(network.MLP):
     project = staticmethod(_parallel_output)
 
     def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig, out_std: float):
-        fc1 = _column(mp, spec.hidden_size, spec.ffn_hidden_size, bias=True)
-        super().__init__(fc1, _row(mp, spec.ffn_hidden_size, spec.hidden_size, bias=True, std=out_std))
+        m = spec.model
+        fc1 = _column(mp, m.hidden_size, m.ffn_hidden_size, bias=True)
+        super().__init__(fc1, _row(mp, m.ffn_hidden_size, m.hidden_size, bias=True, std=out_std))
 
 
 class TransformerLayer(network.Layer):
     def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig):
-        out_std = 0.02 / math.sqrt(2 * spec.num_layers)
+        out_std = 0.02 / math.sqrt(2 * spec.model.num_layers)
         attn = SelfAttention(spec, mp, out_std)
-        super().__init__(spec.hidden_size, attn, MLP(spec, mp, out_std), spec.dropout)
+        super().__init__(spec.model.hidden_size, attn, MLP(spec, mp, out_std), spec.model.dropout)
         self.sequence_parallel = mp.sequence_parallel
 
     def keep_rows(self, h: torch.Tensor, keep: int) -> torch.Tensor:
@@ -107,7 +110,7 @@ class Embedding(network.Embedding):
     def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig):
         super().__init__(
             tensor_parallel.VocabParallelEmbedding(
-                spec.padded_vocab_size, spec.hidden_size, init_method=_normal_init(0.02), config=mp
+                spec.padded_vocab_size, spec.model.hidden_size, init_method=_normal_init(0.02), config=mp
             )
         )
         self.sequence_parallel = mp.sequence_parallel
@@ -122,10 +125,11 @@ class OutputHead(network.OutputHead):
     project = staticmethod(_parallel_output)
 
     def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig):
-        output = _column(mp, spec.hidden_size, spec.padded_vocab_size, bias=False)
+        output = _column(mp, spec.model.hidden_size, spec.padded_vocab_size, bias=False)
         shard = spec.padded_vocab_size // parallel_state.get_tensor_model_parallel_world_size()
         first = parallel_state.get_tensor_model_parallel_rank() * shard
-        super().__init__(spec.hidden_size, output, subs_blocked_ids(first, shard, spec.vocab_size, spec.mask_id))
+        blocked = subs_blocked_ids(first, shard, spec.vocab_size, spec.mask_id)
+        super().__init__(spec.model.hidden_size, output, blocked)
         self.spec = spec
 
 
@@ -146,12 +150,12 @@ class SAD3Transformer(network.Network):
         init_seed(base, 0)
         embedding = Embedding(spec, mp)
         layers = []
-        for i in range(spec.num_layers):
+        for i in range(spec.model.num_layers):
             init_seed(base, 1 + i)
             layers.append(TransformerLayer(spec, mp))
-        init_seed(base, 1 + spec.num_layers)
+        init_seed(base, 1 + spec.model.num_layers)
         head = OutputHead(spec, mp)
-        rotary = RotaryEmbedding(spec.hidden_size // spec.num_heads, spec.rotary_base)
+        rotary = RotaryEmbedding(spec.model.head_dim, spec.model.rotary_base)
         super().__init__(embedding, rotary, layers, head, spec.vocab_size)
         self.spec = spec
 
@@ -161,7 +165,7 @@ class SAD3Transformer(network.Network):
     def labelled_nll(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """With `loss_chunk_tokens`, the output layer and its vocab-parallel cross-entropy run chunk by
         chunk and never hold the whole [tokens, vocabulary] logits (model/chunked_loss.py)."""
-        if not self.spec.loss_chunk_tokens:
+        if not self.spec.model.loss_chunk_tokens:
             return super().labelled_nll(h, labels)
         x = self.head.norm(h)
         if self.embedding.sequence_parallel:  # the output layer sees the whole sequence, as megatron's would
@@ -173,7 +177,7 @@ class SAD3Transformer(network.Network):
         nll = chunked_vocab_parallel_nll(
             x.reshape(n * b, hidden), weight, labels.transpose(0, 1).reshape(-1), self.head.blocked_ids,
             vocab_start=parallel_state.get_tensor_model_parallel_rank() * weight.shape[0],
-            chunk_tokens=self.spec.loss_chunk_tokens, group=parallel_state.get_tensor_model_parallel_group(),
+            chunk_tokens=self.spec.model.loss_chunk_tokens, group=parallel_state.get_tensor_model_parallel_group(),
         )  # fmt: skip
         return nll.view(n, b).transpose(0, 1)
 

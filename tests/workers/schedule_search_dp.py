@@ -8,14 +8,17 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule
+from sad3_megatron.core.model_config import ModelConfig
+from sad3_megatron.core.objectives import BlockDiffusionObjective
+from sad3_megatron.core.schedules import make_schedule
 from sad3_megatron.engine.distributed import init_distributed
 from sad3_megatron.engine.schedule_search import ScheduleSearch
-from sad3_megatron.model import TransformerSpec, build_model
+from sad3_megatron.model.build import build_model
+from sad3_megatron.model.transformer import make_spec
 
 init_distributed(torch.device("cpu"))
 torch.manual_seed(0)
-model = build_model(TransformerSpec(2, 32, 4, 64, vocab_size=50, mask_id=49, dropout=0.0), torch.device("cpu"))
+model = build_model(make_spec(ModelConfig(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64, dropout=0.0), 50, 49, "sdpa"), torch.device("cpu"))
 rows = torch.randint(0, 49, (5 * 4, 16), generator=torch.Generator().manual_seed(1)).numpy()
 objective = BlockDiffusionObjective(16, 4, make_schedule("linear"), 49)
 grid = [(0.001, 1.0), (0.3, 0.8), (0.45, 0.95)]

@@ -8,13 +8,16 @@ import sys
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from sad3_megatron.diffusion import BlockDiffusionObjective, make_schedule
+from sad3_megatron.core.model_config import ModelConfig
+from sad3_megatron.core.objectives import BlockDiffusionObjective
+from sad3_megatron.core.schedules import make_schedule
 from sad3_megatron.engine.distributed import init_distributed
-from sad3_megatron.model import TransformerSpec, build_model
+from sad3_megatron.model.build import build_model
 from sad3_megatron.model.tp_linear import dense_matmul, set_forward_impl
+from sad3_megatron.model.transformer import make_spec
 
 init_distributed(torch.device("cpu"), tensor_parallel=2)
-spec = TransformerSpec(2, 64, 4, 128, vocab_size=50, mask_id=49, dropout=0.0)
+spec = make_spec(ModelConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=128, dropout=0.0), 50, 49, "sdpa")
 models = []
 for _ in range(2):
     torch.manual_seed(0)
