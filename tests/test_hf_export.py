@@ -78,7 +78,8 @@ def test_export_directory_holds_a_standard_transformers_model(diffusion):
                 "noise_beta": 0.3, "noise_omega": 0.8, "rope_theta": 10000.0, "vocab_size": 30522}  # fmt: skip
     assert {k: config[k] for k in expected} == expected
     assert config["auto_map"]["AutoModelForMaskedLM"] == "modeling_sad3.Sad3ForMaskedLM"
-    tok = AutoTokenizer.from_pretrained(export)
+    tok = AutoTokenizer.from_pretrained(export, trust_remote_code=False)  # a standard tokenizer: no custom code
+    assert not {"is_local", "local_files_only"} & set(json.loads((export / "tokenizer_config.json").read_text()))
     assert (tok.mask_token_id, tok.bos_token_id, tok.eos_token_id) == (
         config["mask_token_id"], config["bos_token_id"], config["eos_token_id"]) == (103, 101, 102)  # fmt: skip
     for name in SHIPPED_CORE_FILES:  # the package's own files, verbatim
@@ -199,6 +200,109 @@ def test_export_bound_equals_sad3_eval(diffusion):
     assert from_export["nelbo_per_token"] == pytest.approx(ref["nelbo_per_token"], rel=1e-5)
 
 
+def _exact_bound(hf, x: list[int], block: int, term) -> float:
+    """The continuous-time NELBO per scored token of one row, written out from the export's forward:
+    for every block b and every non-empty set S of its free positions (position 0 is context), the
+    model sees x^{<b} clean and block b with S masked (transformers' own forward: the clean prefix
+    and the block, block-causally); t integrated out weights each |S| = k by 1/k over C(n_b, k) sets
+    (core/schedules.py, `count`). `term(logits, x)` is a masked position's loss: -log p_θ, or SEDD's
+    score-entropy bracket. The mask is M_BC at `block` (Suppl. D), given explicitly: the export's
+    forward defaults to its own L'."""
+    import itertools
+    import math
+
+    mask, total = hf.config.mask_token_id, 0.0
+    for start in range(0, len(x), block):
+        free = [i for i in range(start, start + block) if i > 0]
+        for k in range(1, len(free) + 1):
+            for subset in itertools.combinations(free, k):
+                row = [mask if i in subset else v for i, v in enumerate(x[: start + block])]
+                visible = AttentionMask.clean_window(0, len(row), block)  # M_BC at this L': the prefix, then the block
+                with torch.no_grad():
+                    logits = hf(torch.tensor([row]), sad3_mask=visible).logits[0].double()
+                loss = sum(term(logits[i], x[i]) for i in subset)
+                total += loss / k / math.comb(len(free), k)
+    return total / (len(x) - 1)
+
+
+def _nll(logits: torch.Tensor, target: int) -> float:
+    return -logits.log_softmax(-1)[target].item()
+
+
+def test_export_bound_equals_an_exact_enumeration(diffusion):
+    """The export's nelbo against the bound written out over every mask (not estimate_bound again):
+    exact in one pass at L' = 1, unbiased at L' = 4 (within 4 standard errors of 400 draws)."""
+    _, export = diffusion
+    hf = Sad3ForMaskedLM.from_pretrained(export).eval()
+    x = [101, *torch.randint(1000, 5000, (7,), generator=torch.Generator().manual_seed(3)).tolist()]
+    one = hf.nelbo(torch.tensor([x]), block_size=1)
+    assert one["exact"] and one["nelbo_per_token"] == pytest.approx(_exact_bound(hf, x, 1, _nll), rel=1e-5)
+    exact = _exact_bound(hf, x, BLOCK, _nll)
+    out = hf.nelbo(torch.tensor([x]), draws=400, seed=1)
+    assert abs(out["nelbo_per_token"] - exact) < 4 * out["std_err"] and out["std_err"] < 0.05 * exact
+
+
+@pytest.fixture(scope="module")
+def sedd(tmp_path_factory):
+    return _train_and_export(tmp_path_factory.mktemp("sedd"), "diffusion.objective=sedd", "model.seq_len=8",
+                             "diffusion.block_size=8")  # fmt: skip
+
+
+def test_sedd_export_scores_sedds_bound_as_its_run_does(sedd):
+    """A SEDD export's nelbo is the score-entropy bound (Lou et al.; core/sedd.py): the enumeration
+    with SEDD's bracket, above the MDLM bound of the same logits, and what `sad3 eval` says of the run."""
+    import math
+
+    run, export = sedd
+    hf = Sad3ForMaskedLM.from_pretrained(export).eval()
+    assert hf.config.objective == "sedd" and hf.generation_config.sad3_sampling["sampler"] == "euler"
+
+    def score_entropy(logits: torch.Tensor, target: int) -> float:  # expm1(log Z) - (h_x0 - log N), N = V - 1
+        log_n = math.log(logits.shape[-1] - 1)
+        return math.expm1(torch.logsumexp(logits, -1).item() - log_n) - (logits[target].item() - log_n)
+
+    parts, _ = load_components(run)
+    val = torch.as_tensor(load_corpus(parts.cfg.data, parts.tokenizer, 8).val[:3])
+    x = val[0].tolist()
+    exact, mdlm = _exact_bound(hf, x, 8, score_entropy), _exact_bound(hf, x, 8, _nll)
+    out = hf.nelbo(torch.tensor([x]), draws=400, seed=1)
+    assert abs(out["nelbo_per_token"] - exact) < 4 * out["std_err"] and exact > mdlm
+    ref = _cli_json("eval", str(run), "--split", "val", "--max-sequences", "3", "--batch-size", "3", "--draws", "4",
+                    "--json")  # fmt: skip
+    assert hf.nelbo(val, draws=4)["nelbo_per_token"] == pytest.approx(ref["nelbo_per_token"], rel=1e-5)
+
+
+def test_export_greedy_samples_equal_a_hand_written_loop(diffusion):
+    """Alg. 2 of the export (KV cache, a prompt that ends inside a block, past L with the sliding
+    window) against a loop over transformers' forward that recomputes the window from the tokens:
+    with a vanishing nucleus every masked position of a block takes its argmax in one step."""
+    _, export = diffusion
+    hf = Sad3ForMaskedLM.from_pretrained(export).eval()
+    prompt = [101, 2009, 2003, 1037, 3606, 6315]  # 6 tokens: the second block starts filled
+    result = hf.generate_blocks(prompt, num_tokens=2 * L, sampler="confident", threshold=1.0, top_p=1e-9, steps=1,
+                                stop_at_eos=False, min_entropy=0.0)  # fmt: skip
+    window = L - BLOCK  # the default window: at most L - L' context tokens, halved when it slides
+    tokens, mask = list(prompt), hf.config.mask_token_id
+    for start in range(len(prompt) // BLOCK * BLOCK, len(prompt) + 2 * L, BLOCK):
+        first = 0 if start <= window else start - window + _slide_offset(start, window)
+        block = tokens[start : start + BLOCK] + [mask] * (start + BLOCK - len(tokens))
+        with torch.no_grad():
+            logits = hf(torch.tensor([tokens[first:start] + block]), position_ids=torch.arange(first, start + BLOCK)).logits
+        argmax = logits[0, -BLOCK:].argmax(-1).tolist()
+        tokens = tokens[:start] + [t if t != mask else a for t, a in zip(block, argmax, strict=True)]
+    assert result.samples[0].tokens == tokens[len(prompt) : len(prompt) + 2 * L]
+
+
+def _slide_offset(start: int, window: int) -> int:
+    """core/context_window.py's halving rule written out: after the window fills, it restarts from its
+    newest half and grows again, so the context of block s begins (s - window) + offset."""
+    keep, first = window // 2 // BLOCK * BLOCK, 0
+    for s in range(0, start + 1, BLOCK):
+        if s - first > window:
+            first = s - keep
+    return first - (start - window)
+
+
 @pytest.mark.parametrize("tamper", ["missing", "unexpected", "mis-shaped"])
 def test_tampered_export_is_refused_naming_the_tensor(diffusion, tmp_path, tamper):
     import shutil
@@ -240,7 +344,7 @@ sys.meta_path.insert(0, Blocker())
 import json, torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 bd_dir, ar_dir = sys.argv[1], sys.argv[2]
-tok = AutoTokenizer.from_pretrained(bd_dir, trust_remote_code=True)  # the flag only skips the prompt
+tok = AutoTokenizer.from_pretrained(bd_dir, trust_remote_code=False)  # a standard tokenizer: no custom code
 bd = AutoModelForMaskedLM.from_pretrained(bd_dir, trust_remote_code=True)
 ids = [bd.config.bos_token_id] + tok("it is a truth", add_special_tokens=False).input_ids
 result = bd.generate_blocks(ids, num_tokens=20, steps=4, batch_size=2, seed=1)
@@ -265,7 +369,7 @@ def test_export_loads_samples_and_scores_without_sad3_deepspeed_or_megatron(diff
     assert out["loaded"] == [] and out["module"].startswith("transformers_modules.")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(bd_dir)
+    tok = AutoTokenizer.from_pretrained(bd_dir, trust_remote_code=False)
     bd = Sad3ForMaskedLM.from_pretrained(bd_dir)
     ids = [101] + tok("it is a truth", add_special_tokens=False).input_ids
     assert out["samples"] == [s.tokens for s in bd.generate_blocks(ids, num_tokens=20, steps=4, batch_size=2, seed=1).samples]
@@ -306,6 +410,11 @@ def test_ar_export_nll_through_transformers_equals_sad3_eval(autoregressive):
     prompt = val[:1, :5]
     cached = model.generate(prompt, max_new_tokens=10, do_sample=False)
     assert cached[0].tolist() == _greedy_reference(export, prompt[0].tolist(), 10)
+    # sad3's own loop (Alg. 2's cache, one token per step) greedy too, through a vanishing nucleus.
+    ours = model.generate_blocks(prompt[0].tolist(), num_tokens=10, top_p=1e-9, stop_at_eos=False, min_entropy=0.0)
+    assert ours.samples[0].tokens == cached[0, 5:].tolist()
+    # By default transformers' generate() stops at the training context L (past it, generate_blocks slides).
+    assert model.generate(prompt, do_sample=False).shape[1] == L
 
 
 def test_ar_export_and_ar_checkpoint_are_evaluators_with_one_scoring_path(autoregressive, diffusion):

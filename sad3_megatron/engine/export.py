@@ -49,6 +49,7 @@ SHIPPED_CORE_FILES = (
 )  # fmt: skip
 SHIPPED_HF_FILES = ("configuration_sad3.py", "modeling_sad3.py")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LOAD_TIME_KEYS = ("is_local", "local_files_only")  # what from_pretrained recorded of its own call
 VOCAB_ROWS = ("model.embedding.embed.weight", "model.head.output.weight")  # trimmed to the vocabulary
 
 
@@ -108,6 +109,9 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
     if hf.mask_token_id != tokenizer.mask_id:
         raise Sad3Error(f"tokenizer {tokenizer.name!r} puts its mask token at {hf.mask_token_id}, sad3 at {tokenizer.mask_id}")
     hf.save_pretrained(str(out_dir))
+    config = out_dir / "tokenizer_config.json"  # drop how this copy was loaded: not the tokenizer's business
+    settings = {k: v for k, v in json.loads(config.read_text()).items() if k not in LOAD_TIME_KEYS}
+    config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_size: str | int) -> list[str]:
@@ -190,7 +194,7 @@ tags: [sad3, block-diffusion, discrete-diffusion]
 import torch
 from transformers import AutoTokenizer, {auto}
 
-tok = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)  # the flag only skips transformers' prompt
+tok = AutoTokenizer.from_pretrained(DIR, trust_remote_code=False)  # a standard tokenizer: no custom code
 model = {auto}.from_pretrained(DIR, trust_remote_code=True)
 ids = [model.config.bos_token_id] + tok("it is a truth universally acknowledged", add_special_tokens=False).input_ids
 result = model.generate_blocks(ids, num_tokens=128, steps=16, batch_size=2, seed=0)  # Alg. 2, KV cache

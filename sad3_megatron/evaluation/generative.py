@@ -31,6 +31,7 @@ import torch
 
 from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.core.stopping import unigram_entropy
+from sad3_megatron.evaluation.samples import SampleFile
 
 
 @dataclass
@@ -94,17 +95,6 @@ def _refuse_diffusion(export: Path, what: str) -> None:
 def _context_size(model) -> int | None:
     config = model.config
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-
-def split_documents(tokens: Sequence[int], eos_id: int | None) -> list[list[int]]:
-    """The EOS-separated pieces of a sample's tokens (EOS dropped; a final EOS ends the last piece)."""
-    pieces: list[list[int]] = [[]]
-    for token in tokens:
-        if token == eos_id:
-            pieces.append([])
-        else:
-            pieces[-1].append(token)
-    return pieces[:-1] if len(pieces) > 1 and not pieces[-1] else pieces
 
 
 def frame_documents(documents: Sequence[str], tokenizer) -> tuple[list[int], set[int]]:
@@ -201,7 +191,6 @@ def summarize_samples(
 def score_samples(path: str, evaluator: str | None = None, max_length: int = 1024, stride: int = 512) -> dict:
     """`sad3 eval-samples`: the summary of a samples file, with Gen. PPL under `evaluator` when given."""
     from sad3_megatron.engine.distributed import resolve_device
-    from sad3_megatron.evaluation.samples import SampleFile
 
     if max_length < 2 or not 1 <= stride < max_length:
         raise Sad3Error(f"--max-length must be >= 2 and 1 <= --stride < --max-length (got {max_length}, {stride})")

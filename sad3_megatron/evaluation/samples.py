@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.core.generate import GenerationResult, Sample, SamplingConfig, generate
 from sad3_megatron.core.registry import objective_entry
 from sad3_megatron.data.tokenizers import Tokenizer
-from sad3_megatron.evaluation.generative import split_documents
 
 
 @dataclass
@@ -119,6 +119,17 @@ class SampleFile:
         out.append(f"sad3 sample: {len(self.samples)} samples, {total} tokens in {self.seconds:.2f} s "
                    f"({self.tokens_per_s:.1f} tokens/s); {how}; {cache}, window {self.window} (keep {self.window_keep})")  # fmt: skip
         return out
+
+
+def split_documents(tokens: Sequence[int], eos_id: int | None) -> list[list[int]]:
+    """The EOS-separated pieces of a sample's tokens (EOS dropped; a final EOS ends the last piece)."""
+    pieces: list[list[int]] = [[]]
+    for token in tokens:
+        if token == eos_id:
+            pieces.append([])
+        else:
+            pieces[-1].append(token)
+    return pieces[:-1] if len(pieces) > 1 and not pieces[-1] else pieces
 
 
 def sample_checkpoint(

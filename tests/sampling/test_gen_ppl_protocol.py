@@ -15,7 +15,8 @@ from sad3_megatron.core.context_window import context_window
 from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.core.generate import redraw_seed
 from sad3_megatron.core.stopping import StopCriteria, unigram_entropy
-from sad3_megatron.evaluation.generative import frame_documents, generative_perplexity, load_evaluator, split_documents
+from sad3_megatron.evaluation.generative import frame_documents, generative_perplexity, load_evaluator
+from sad3_megatron.evaluation.samples import split_documents
 
 L, BLOCK = 16, 4  # the tiny models' "training" context and block size (tests/sampling/conftest.py)
 
