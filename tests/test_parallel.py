@@ -79,6 +79,8 @@ def test_dropout_masks_follow_the_micro_batch_slot_in_every_layout(launch,
         ("dp2-zero1", ["parallel.zero_stage=1"]),
         ("dp2-zero2", ["parallel.zero_stage=2"]),
         ("dp2-zero3", ["parallel.zero_stage=3"]),
+        # ZeRO-3 partitions over the data-parallel group only: TP ranks keep their own shards
+        ("tp2-zero3", ["parallel.tensor_parallel=2", "parallel.zero_stage=3", "train.grad_accum_steps=2"]),
     ],
 )
 def test_two_process_layouts_match_single_process(launch, name, overrides, single_process, tmp_path):

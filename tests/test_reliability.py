@@ -219,22 +219,22 @@ def run_torchrun(launch, out: Path, overrides: list[str], nproc: int, fault: str
 
 
 @pytest.fixture(scope="module")
-def skipped_reference(tmp_path_factory) -> Path:
+def skipped_reference(launch, tmp_path_factory) -> Path:
     """One process, global batch 8 as 2 micro-batches, step 3's batch skipped by the hook."""
     out = tmp_path_factory.mktemp("skipped-reference")
-    proc = run_torchrun(out, ["train.steps=4", "train.grad_accum_steps=2", "train.ema_decay=0"], 1, "nan_loss:step=3")
+    proc = run_torchrun(launch, out, ["train.steps=4", "train.grad_accum_steps=2", "train.ema_decay=0"], 1, "nan_loss:step=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_nan_on_one_of_two_data_parallel_ranks_skips_the_step_on_both(zero_stage, skipped_reference, tmp_path):
+def test_nan_on_one_of_two_data_parallel_ranks_skips_the_step_on_both(launch, zero_stage, skipped_reference, tmp_path):
     """Under ZeRO-0 the guard decides (an all-reduced flag); under ZeRO-2 DeepSpeed's own global
     norm check does. Either way step 3 is skipped everywhere: its weights are step 2's, and the
     losses around it are those of a single process that skipped that batch."""
     overrides = ["train.steps=4", "train.ema_decay=0", f"parallel.zero_stage={zero_stage}", "train.save_interval=1"]
-    proc = run_torchrun(tmp_path, [*overrides, "train.keep_last=4"], 2, "nan_loss:step=3:rank=1")
+    proc = run_torchrun(launch, tmp_path, [*overrides, "train.keep_last=4"], 2, "nan_loss:step=3:rank=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours, reference = losses(tmp_path), losses(skipped_reference)
     assert ours[3] is None and reference[3] is None
@@ -248,16 +248,16 @@ def test_nan_on_one_of_two_data_parallel_ranks_skips_the_step_on_both(zero_stage
 
 
 @pytest.mark.slow
-def test_a_signal_on_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path):
+def test_a_signal_on_one_rank_stops_both_at_the_same_step_and_resumes(launch, tmp_path):
     """SIGTERM reaches rank 1 only, before step 2: both ranks stop after step 2 (the flag rides on
     the step's all-reduce), save it, exit 0; the resumed run equals the uninterrupted one."""
     overrides = ["train.steps=4", "train.ema_decay=0", "parallel.zero_stage=1"]
-    proc = run_torchrun(tmp_path / "run", overrides, 2, "sigterm:step=2:rank=1")
+    proc = run_torchrun(launch, tmp_path / "run", overrides, 2, "sigterm:step=2:rank=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_0000002"]
     assert sorted(losses(tmp_path / "run")) == [1, 2]
-    assert run_torchrun(tmp_path / "run", overrides, 2).returncode == 0
-    straight = run_torchrun(tmp_path / "straight", overrides, 2)
+    assert run_torchrun(launch, tmp_path / "run", overrides, 2).returncode == 0
+    straight = run_torchrun(launch, tmp_path / "straight", overrides, 2)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6, abs=1e-6)
 

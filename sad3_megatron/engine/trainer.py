@@ -275,9 +275,12 @@ class Trainer:
                 prepare_sequence_parallel(model)
         else:
             # Under ZeRO-3 each layer's weights are partitioned as soon as it is built: no rank ever
-            # holds the whole model, which is what lets the largest presets start at all.
+            # holds the whole model, which is what lets the largest presets start at all. Partitioned
+            # over the data-parallel group only: over the world group, zero.Init would broadcast TP
+            # rank 0's shard of every parameter to the other TP ranks.
             with deepspeed.zero.Init(
-                config_dict_or_path=ds_config, mpu=mpu, mem_efficient_linear=False, enabled=self.zero3
+                config_dict_or_path=ds_config, mpu=mpu, mem_efficient_linear=False, enabled=self.zero3,
+                data_parallel_group=parallel_state.get_data_parallel_group(),
             ):
                 model = build_model(spec, self.device, sequence_parallel)
         if t.fp8:
