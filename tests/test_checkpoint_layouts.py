@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from sad3_megatron.cli import main
 from sad3_megatron.config import load_config
+from sad3_megatron.engine.run_lock import release_run
 from sad3_megatron.engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +83,7 @@ def resave(layout: str, out: Path) -> None:
     cfg = load_config(COMMON[0], argv(layout, out)[1:])
     trainer = Trainer(cfg)
     trainer.checkpoint(trainer.start_step)
+    release_run(out)
 
 
 def tensors(run: Path, name: str, step: int = 4) -> dict[str, torch.Tensor]:

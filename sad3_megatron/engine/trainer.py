@@ -55,6 +55,7 @@ from sad3_megatron.engine.pipeline import build_pipeline, pipeline_batch, pipeli
 from sad3_megatron.engine.plan import gradient_accumulation, parameter_count
 from sad3_megatron.engine.preemption import clear_marker, stop_on_signals, write_marker
 from sad3_megatron.engine.resume import check_same_model, data_state, layout, row_offset, rows_at
+from sad3_megatron.engine.run_lock import lock_run, release_run
 from sad3_megatron.engine.schedule_search import ScheduleSearch
 from sad3_megatron.errors import Sad3Error
 from sad3_megatron.evaluation import estimate_bound
@@ -246,6 +247,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.pipelined = cfg.parallel.pipeline_parallel > 1
         parts = build_components(cfg, with_model=False)
+        self.lock = lock_run(self.run_dir)  # one job per run directory; released when run() ends
         if rank() == 0:
             for debris in remove_partial_saves(self.ckpt_root):
                 print(f"sad3: removed {str(debris)!r}, left by an interrupted save", file=sys.stderr)
@@ -611,6 +613,8 @@ class Trainer:
                         break
             finally:
                 self.log.close()
+                if self.lock is not None:
+                    self.lock.release()
         if val is None and not stopped and self.start_step >= t.steps:
             val = self.evaluate()
         return TrainResult(self.run_dir, t.steps, loss_value, None if stopped else val, stopped)
@@ -647,4 +651,7 @@ def _layout_text(layout: dict | None) -> str:
 
 def train(cfg: Config) -> TrainResult:
     """Train (or resume) the run `cfg` describes; see Trainer."""
-    return Trainer(cfg).run()
+    try:
+        return Trainer(cfg).run()
+    finally:
+        release_run(Path(cfg.run.out_dir))  # also when setting up failed

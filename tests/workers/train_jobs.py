@@ -7,12 +7,14 @@ pipeline parallelism. Exits non-zero at the first job that fails (its exit code)
 
 import json
 import sys
+from pathlib import Path
 
 from deepspeed.utils import groups
 from megatron.core import parallel_state
 
 from sad3_megatron.cli import main
 from sad3_megatron.config import load_config
+from sad3_megatron.engine.run_lock import release_run
 from sad3_megatron.engine.trainer import Trainer
 
 
@@ -21,6 +23,7 @@ def resave(argv: list[str]) -> None:
     cfg = load_config(argv[0], argv[1:])
     trainer = Trainer(cfg)
     trainer.checkpoint(trainer.start_step)
+    release_run(Path(cfg.run.out_dir))
 
 
 for job in json.loads(open(sys.argv[1]).read()):
