@@ -543,7 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot_command(sub)
     _add_export_command(sub)
     _add_variance_command(sub)
+    _add_checkpoint_command(sub)
     return parser
+
+
+def _add_checkpoint_command(sub) -> None:
+    from sad3_megatron.engine.checkpoint_info import add_checkpoint_command  # all of it lives there
+
+    add_checkpoint_command(sub)
 
 
 def _quiet_imports() -> None:

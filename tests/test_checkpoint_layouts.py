@@ -191,6 +191,13 @@ def test_a_new_global_batch_is_said_in_one_line_and_a_new_model_shape_is_refused
     state = json.loads((run / "checkpoints" / "step_0000004" / "state.json").read_text())
     assert state["data"] == {"rows": 12, "global_batch": 2} and state["step"] == 4 and state["tokens"] == 12 * 32
 
+    assert main(["checkpoint", "info", str(run)]) == 0
+    info = capsys.readouterr().out
+    assert "step_0000004" in info and "format: layout-free; intact: yes" in info, info
+    assert "step 4, tokens 384" in info and "data position: sequence 12 of the training order (token 384)" in info
+    assert "written on: world 1 = TP 1 × PP 1 × DP 1, ZeRO-0; global batch 2" in info
+    assert "resume on another layout: any DP size, ZeRO stage 0-3, TP, PP and sequence parallelism" in info
+
     code = main(["train", *SMALL, "train.steps=6", "model.hidden_size=64", f"run.out_dir={run}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
@@ -198,3 +205,27 @@ def test_a_new_global_batch_is_said_in_one_line_and_a_new_model_shape_is_refused
     code = main(["train", *SMALL, "train.steps=6", "data.tokenizer=gpt2", f"run.out_dir={run}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "data.tokenizer=bert-base-uncased, this run has data.tokenizer=gpt2" in err, err
+
+
+def test_a_checkpoint_of_deepspeed_shards_from_an_earlier_sad3_resumes_on_its_layout(tmp_path, capsys):
+    """Checkpoints written before the layout-free state (DeepSpeed's save_checkpoint plus the
+    consolidated weights) still resume, through engine.load_checkpoint, on their own layout."""
+    from sad3_megatron.engine.checkpoint import write_manifest
+
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "train.steps=2", f"run.out_dir={run}"]) == 0
+    trainer = Trainer(load_config(SMALL[0], [*SMALL[1:], "train.steps=2", f"run.out_dir={run}"]))
+    old = run / "checkpoints" / "step_0000002"
+    for name in ("optimizer.safetensors", "state.json", "manifest.json"):
+        (old / name).unlink()
+    state = {k: v for k, v in trainer.client_state(2).items() if k not in ("data", "optimizer_steps", "lr_scheduler", "layout")}
+    trainer.engine.save_checkpoint(str(run / "checkpoints"), tag=old.name, client_state=state, save_latest=False)
+    release_run(run)
+    write_manifest(old)
+    capsys.readouterr()
+    assert main(["checkpoint", "info", str(old)]) == 0
+    info = capsys.readouterr().out
+    assert "format: deepspeed-shards" in info and "only on the layout it was written on" in info, info
+    assert main(["train", *SMALL, "train.steps=3", f"run.out_dir={run}"]) == 0
+    assert sorted(losses(run)) == [1, 2, 3]
+    assert (run / "checkpoints" / "step_0000003" / "state.json").is_file()  # saved layout-free from then on

@@ -254,7 +254,7 @@ def load_training_state(engine, checkpoint: Path) -> dict:
         _, client_state = engine.load_checkpoint(
             str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
-    except (AssertionError, RuntimeError, ValueError, KeyError) as err:
+    except Exception as err:  # DeepSpeed's refusals: assertions, ZeRORuntimeException, KeyError, ...
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise Sad3Error(
             f"checkpoint {str(checkpoint)!r} holds DeepSpeed's per-rank shards (an earlier sad3's format), which load "
