@@ -324,13 +324,14 @@ def read_state(checkpoint: Path) -> dict:
     return state
 
 
-def load_ema(checkpoint: Path) -> dict[str, torch.Tensor]:
+def load_ema(checkpoint: Path) -> Mapping[str, torch.Tensor]:
+    """ema.safetensors of a checkpoint, each tensor read when asked for."""
     path = checkpoint / "ema.safetensors"
     if not path.is_file():
         raise Sad3Error(
             f"checkpoint {str(checkpoint)!r} has no ema.safetensors but the config enables EMA: set train.ema_decay=0 or resume another checkpoint"
         )
-    return _load_weights_file(path)
+    return TensorFile(path)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

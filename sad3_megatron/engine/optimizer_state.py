@@ -95,6 +95,12 @@ def _fresh_state(flat: torch.Tensor, steps: int) -> dict:
     }
 
 
+def local_copies(tensors: Mapping[str, torch.Tensor], module: nn.Module, num_layers: int | None) -> dict:
+    """This rank's slices of consolidated tensors, as copies: one whole tensor is held at a time
+    (e.g. the EMA on resume, which keeps only its TP slice)."""
+    return {name: _local(tensors, "", name, module, num_layers).clone() for name, _ in module.named_parameters()}
+
+
 def _link_zero_state(engine) -> None:
     """Point every parameter's ZeRO-1/2 fragment at AdamW's state on its flat partition. DeepSpeed
     links them once, right after the first param group's first step, when the other groups have

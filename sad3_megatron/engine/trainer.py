@@ -50,7 +50,13 @@ from sad3_megatron.engine.guard import GuardedAdamW, StepGuard, injected_fault
 from sad3_megatron.engine.lr_schedule import lr_multiplier
 from sad3_megatron.engine.metrics import MetricsLog
 from sad3_megatron.engine.mpu import MegatronMPU
-from sad3_megatron.engine.optimizer_state import gather_moments, optimizer_steps, restore_moments, restore_weights
+from sad3_megatron.engine.optimizer_state import (
+    gather_moments,
+    local_copies,
+    optimizer_steps,
+    restore_moments,
+    restore_weights,
+)
 from sad3_megatron.engine.pipeline import build_pipeline, pipeline_batch, pipeline_bound, to_canonical, to_local
 from sad3_megatron.engine.plan import gradient_accumulation, parameter_count
 from sad3_megatron.engine.preemption import clear_marker, stop_on_signals, write_marker
@@ -327,7 +333,7 @@ class Trainer:
         if state.get("schedule") is not None:
             self.schedule = NoiseSchedule(**state["schedule"])
         if self.ema is not None:
-            shadow = local_weights(load_ema(checkpoint), self.engine.module, self.pipeline_layers)
+            shadow = local_copies(load_ema(checkpoint), self.engine.module, self.pipeline_layers)
             self.ema.load_state_dict(shadow, self.engine.module, state["ema_updates"])
 
     def _restore_layout_free(self, checkpoint: Path) -> dict:
