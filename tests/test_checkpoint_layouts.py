@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from sad3_megatron.cli import main
 from sad3_megatron.config import load_config
+from sad3_megatron.engine.checkpoint import checkpoint_problem, latest_checkpoint
 from sad3_megatron.engine.run_lock import release_run
 from sad3_megatron.engine.trainer import Trainer
 
@@ -55,14 +56,11 @@ def argv(layout: str, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return [*COMMON, *LAYOUTS[layout][1], *extra, f"run.out_dir={out}"]
 
 
-def in_process(layout: str, out: Path, capsys) -> str:
-    code = main(["train", *argv(layout, out)])
-    _, err = capsys.readouterr()
-    assert code == 0, err[-3000:]
-    return err
+def in_process(layout: str, out: Path, extra: tuple[str, ...] = ()) -> None:
+    assert main(["train", *argv(layout, out, extra)]) == 0, (layout, out)
 
 
-def two_processes(jobs: list[list[str]], tmp_path: Path) -> None:
+def two_processes(jobs: list, tmp_path: Path) -> None:
     spec = tmp_path / "jobs.json"
     spec.write_text(json.dumps(jobs))
     cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", "tests/workers/train_jobs.py"]
@@ -115,33 +113,59 @@ def assert_continues(reference: Path, resumed: Path, label: str, tolerance: floa
             assert (a[key] - b[key]).abs().max().item() <= tolerance * scale + 1e-12, (label, name, key)
 
 
-@pytest.mark.slow
-def test_resume_on_another_layout_continues_the_uninterrupted_run(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory) -> Path:
+    """The uninterrupted run of every source layout (checkpoints at steps 2 and 4), each switch's
+    continuation from step 2, and the step-2 state loaded on the new layout and saved again; plus a
+    two-process run whose step-4 checkpoint does not fit on the disk."""
+    tmp = tmp_path_factory.mktemp("layouts")
     sources = sorted({source for source, _ in SWITCHES})
-    runs = {name: tmp_path / name for name in sources}
-    for name in sources:  # uninterrupted single-process runs, checkpoints at steps 2 and 4
+    for name in sources:
         if LAYOUTS[name][0] == 1:
-            in_process(name, runs[name], capsys)
-    jobs: list = [argv(name, runs[name]) for name in sources if LAYOUTS[name][0] == 2]
+            in_process(name, tmp / name)
+    jobs: list = [argv(name, tmp / name) for name in sources if LAYOUTS[name][0] == 2]
     for source, target in SWITCHES:  # continue the single-process runs on two processes
         if LAYOUTS[target][0] == 2:
-            out = switched(runs[source], tmp_path / f"{source}-to-{target}")
-            jobs += [argv(target, out), {"resave": argv(target, switched(runs[source], out.with_name(out.name + "-resaved")))}]
-    two_processes(jobs, tmp_path)
+            out = switched(tmp / source, tmp / f"{source}-to-{target}")
+            jobs += [argv(target, out), {"resave": argv(target, switched(tmp / source, resaved(out)))}]
+    jobs.append({"argv": argv("zero1-dp2", tmp / "disk-full"), "fault": "disk_full:step=4:rank=0", "exit": 2})
+    two_processes(jobs, tmp)
     for source, target in SWITCHES:
-        out = tmp_path / f"{source}-to-{target}"
+        out = tmp / f"{source}-to-{target}"
         if LAYOUTS[target][0] == 1:
-            resave(target, switched(runs[source], out.with_name(out.name + "-resaved")))
-            err = in_process(target, switched(runs[source], out), capsys)
-            assert "Traceback" not in err
-        label = f"{source} -> {target}"
-        assert_carried_exactly(runs[source], out.with_name(out.name + "-resaved"), label)
+            resave(target, switched(tmp / source, resaved(out)))
+            if target == "zero0":  # an explicit checkpoint rather than resume=auto
+                in_process(target, out, (f"train.resume={tmp / source / 'checkpoints' / 'step_0000002'}",))
+            else:
+                in_process(target, switched(tmp / source, out))
+    return tmp
+
+
+def resaved(out: Path) -> Path:
+    return out.with_name(out.name + "-resaved")
+
+
+@pytest.mark.slow
+def test_resume_on_another_layout_continues_the_uninterrupted_run(layout_runs):
+    for source, target in SWITCHES:
+        out, label = layout_runs / f"{source}-to-{target}", f"{source} -> {target}"
+        assert_carried_exactly(layout_runs / source, resaved(out), label)
         # TP splits the matmuls' sums: uninterrupted TP = 2 and TP = 1 runs differ by up to 4.4e-4 of
         # a tensor's largest Adam moment (measured); the other switches stay within 4e-6.
-        assert_continues(runs[source], out, label, 2e-3 if "tp" in source + target else 5e-5)
-    state = json.loads((runs["zero1-dp2"] / "checkpoints" / "step_0000002" / "state.json").read_text())
+        assert_continues(layout_runs / source, out, label, 2e-3 if "tp" in source + target else 5e-5)
+    state = json.loads((layout_runs / "zero1-dp2" / "checkpoints" / "step_0000002" / "state.json").read_text())
     assert state["layout"]["data_parallel"] == 2 and state["data"] == {"rows": 16, "global_batch": 8}
-    assert not list((runs["zero3-dp2"] / "checkpoints" / "step_0000004").glob("*.pt"))  # no per-rank shards
+    assert not list((layout_runs / "zero3-dp2" / "checkpoints" / "step_0000004").glob("*.pt"))  # no per-rank shards
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_does_not_fit_stops_both_ranks_and_keeps_the_last_one(layout_runs):
+    """Rank 0 finds no room for step 4 (the disk_full fault); both ranks end with exit code 2 (the
+    worker checks), nothing of step 4 is written, step 2 and `latest` stay."""
+    root = layout_runs / "disk-full" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002"]
+    assert latest_checkpoint(root).name == "step_0000002" and checkpoint_problem(root / "step_0000002") is None
+    assert sorted(losses(layout_runs / "disk-full")) == [1, 2, 3, 4]
 
 
 def test_data_position_follows_the_global_batch_not_the_layout():

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from sad3_megatron.config import Config, config_from_dict, save_config
 from sad3_megatron.engine.disk_space import no_space_message, plan_space, tensor_bytes
+from sad3_megatron.engine.guard import injected_fault
 from sad3_megatron.errors import Sad3Error
 
 LATEST = "latest"
@@ -144,7 +145,10 @@ def _write_checkpoint(root: Path, step: int, state: dict, cfg: Config, tensors: 
     tmp = root / f".tmp-{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)  # debris of an earlier interrupted save
-    plan = plan_space(root, tensor_bytes(list(tensors.values())), _prunable(root, keep_last, final), last)
+    needed = tensor_bytes(list(tensors.values()))
+    if injected_fault("disk_full", step):  # test-only: $SAD3_FAULT_INJECT, see engine/guard.py
+        needed = 1 << 60
+    plan = plan_space(root, needed, _prunable(root, keep_last, final), last)
     if not plan.fits:
         return no_space_message(final, plan, keep_last, last)
     for old in plan.prune_first:
