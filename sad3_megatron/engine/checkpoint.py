@@ -153,7 +153,7 @@ def _write_checkpoint(root: Path, step: int, state: dict, cfg: Config, tensors: 
         return no_space_message(final, plan, keep_last, last)
     for old in plan.prune_first:
         print(f"sad3: pruning {str(old)!r} before saving {final.name} (train.keep_last={keep_last}): the disk is nearly full", file=sys.stderr)
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     try:
         tmp.mkdir()
         for name, group in tensors.items():
@@ -166,13 +166,26 @@ def _write_checkpoint(root: Path, step: int, state: dict, cfg: Config, tensors: 
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the last checkpoint {str(last)!r} is intact" if last else "no earlier checkpoint exists"
         return (
-            f"writing checkpoint {str(final)!r} failed ({str(err).splitlines()[0]}): its partial files were removed "
+            f"writing checkpoint {str(final)!r} failed ({_first_line(err)}): its partial files were removed "
             f"and {kept}; free space (or fix the filesystem) and rerun the same command to resume"
         )
+    return _publish(root, tmp, final, keep_last)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep_last: int) -> str | None:
+    """Move a complete checkpoint into place, point `latest` at it, prune; why not, or None."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_atomic(root / LATEST, final.name)
+    try:
+        _write_atomic(root / LATEST, final.name)
+    except OSError as err:  # the checkpoint is complete: without `latest`, resume=auto takes the newest
+        (root / LATEST).unlink(missing_ok=True)
+        return f"checkpoint {str(final)!r} is saved but {LATEST!r} could not be updated ({_first_line(err)}): free space and rerun the same command to resume"
     _prune(root, keep_last, final)
     return None
 
