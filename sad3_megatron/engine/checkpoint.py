@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sad3_megatron.config import Config, config_from_dict, save_config
@@ -294,33 +294,47 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
 class TensorFile(Mapping):
-    """The tensors of a safetensors file, each read when asked for (a resume holds one whole tensor
-    at a time, not the file); an unreadable file is a one-line error naming it."""
+    """The tensors of a safetensors file, each read from disk when asked for, with plain reads
+    rather than a memory map: a resume holds one whole tensor at a time, not the file's pages. The
+    format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the data. An unreadable file is a one-line error naming it."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            self._file = safe_open(str(path), framework="pt")
-            self._names = list(self._file.keys())
-        except (SafetensorError, OSError) as err:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            self._start = 8 + size
+            self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            if not all(v["dtype"] in _DTYPES for v in self._entries.values()):
+                raise ValueError("unknown dtype")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise Sad3Error(
-                f"checkpoint file {str(path)!r} is unreadable ({str(err).splitlines()[0]}): use another checkpoint"
+                f"checkpoint file {str(path)!r} is unreadable ({_first_line(err)}): use another checkpoint"
             ) from None
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._file.get_tensor(name)
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        data = bytearray(end - begin)
+        with self.path.open("rb") as f:
+            f.seek(self._start + begin)
+            if f.readinto(data) != len(data):
+                raise Sad3Error(f"checkpoint file {str(self.path)!r} is truncated at {name!r}: use another checkpoint")
+        dtype = _DTYPES[entry["dtype"]]
+        return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"]) if data else torch.empty(entry["shape"], dtype=dtype)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._names)
-
-    def metadata(self) -> dict[str, str]:
-        return self._file.metadata() or {}
+        return len(self._entries)
 
 
 def is_layout_free(checkpoint: Path) -> bool:
