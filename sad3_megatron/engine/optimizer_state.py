@@ -95,10 +95,22 @@ def _fresh_state(flat: torch.Tensor, steps: int) -> dict:
     }
 
 
-def local_copies(tensors: Mapping[str, torch.Tensor], module: nn.Module, num_layers: int | None) -> dict:
-    """This rank's slices of consolidated tensors, as copies: one whole tensor is held at a time
-    (e.g. the EMA on resume, which keeps only its TP slice)."""
-    return {name: _local(tensors, "", name, module, num_layers).clone() for name, _ in module.named_parameters()}
+class LocalTensors(Mapping):
+    """This rank's slices of consolidated tensors, by local parameter name, each made when asked
+    for: iterating holds one whole tensor at a time (e.g. the EMA on resume)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], module: nn.Module, num_layers: int | None):
+        self.tensors, self.module, self.num_layers = tensors, module, num_layers
+        self.names = [name for name, _ in module.named_parameters()]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return _local(self.tensors, "", name, self.module, self.num_layers).clone()
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _link_zero_state(engine) -> None:

@@ -51,8 +51,8 @@ from sad3_megatron.engine.lr_schedule import lr_multiplier
 from sad3_megatron.engine.metrics import MetricsLog
 from sad3_megatron.engine.mpu import MegatronMPU
 from sad3_megatron.engine.optimizer_state import (
+    LocalTensors,
     gather_moments,
-    local_copies,
     optimizer_steps,
     restore_moments,
     restore_weights,
@@ -333,7 +333,7 @@ class Trainer:
         if state.get("schedule") is not None:
             self.schedule = NoiseSchedule(**state["schedule"])
         if self.ema is not None:
-            shadow = local_copies(load_ema(checkpoint), self.engine.module, self.pipeline_layers)
+            shadow = LocalTensors(load_ema(checkpoint), self.engine.module, self.pipeline_layers)
             self.ema.load_state_dict(shadow, self.engine.module, state["ema_updates"])
 
     def _restore_layout_free(self, checkpoint: Path) -> dict:
