@@ -3,6 +3,7 @@ tests/core runs without them (see tests/core/conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -118,6 +119,12 @@ class Launch:
             return [str(bin_dir / "sad3"), "train"]
         return [str(bin_dir / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={self.free_port()}",
                 "-m", "sad3_megatron.cli", "train"]  # fmt: skip
+
+    @staticmethod
+    def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+        """Step -> `key` of a run's training records (metrics.jsonl)."""
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r[key] for r in records if "loss" in r}
 
     def run_train(self, out: Path, overrides: list[str], nproc: int = 1, timeout: int = 600) -> None:
         cmd = self.train_cmd(nproc) + ["configs/demo.yaml", *self.overrides, *overrides, f"run.out_dir={out}"]

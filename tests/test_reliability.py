@@ -113,7 +113,7 @@ def test_truncated_newest_checkpoint_resume_falls_back_and_eval_refuses(tmp_path
     first = config("damaged", 4)
     first.train.save_interval = 2
     train(first)
-    shard = run / "checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt"
+    shard = run / "checkpoints" / "step_0000004" / "optimizer.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     capsys.readouterr()
     code, _, err = run_cli(["eval", str(shard.parent), "--split", "val"], capsys)

@@ -2,8 +2,8 @@
 
 Every checkpoint already carries consolidated `model.safetensors` / `ema.safetensors`, gathered over
 tensor-parallel shards and ZeRO-3 partitions at save time; this tool extracts them. With
-`--from-deepspeed` it rebuilds the weights from DeepSpeed's own ZeRO shards instead (TP = 1 runs),
-an independent path that also serves checkpoints whose safetensors were lost.
+`--from-deepspeed` it rebuilds the weights from DeepSpeed's own ZeRO shards instead (TP = 1 runs of
+earlier sad3 versions, which wrote them; checkpoints are layout-free safetensors now).
 
     python tools/consolidate_checkpoint.py runs/demo out.safetensors [--ema | --from-deepspeed]
 """
@@ -22,6 +22,10 @@ from sad3_megatron.engine.checkpoint import read_checkpoint, resolve_checkpoint
 def from_deepspeed(checkpoint) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if not list(checkpoint.glob("*.pt")):
+        raise Sad3Error(
+            f"{str(checkpoint)!r} holds no DeepSpeed shards (a layout-free checkpoint): drop --from-deepspeed"
+        )
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     return {k: v.float().contiguous() for k, v in state.items() if not k.endswith("_extra_state")}
 

@@ -1,17 +1,25 @@
-"""Checkpoints: DeepSpeed's full training state for exact resume, plus safetensors weights and the
-config for standalone evaluation and sampling.
+"""Checkpoints: a layout-free training state for exact resume on any layout, which also serves
+standalone evaluation, sampling and export (docs/checkpoints.md).
 
 Layout of a run directory:
-    checkpoints/step_000500/   DeepSpeed shards (model, optimizer, LR scheduler) + client state
-                               (step, tokens, EMA, noise schedule), model.safetensors,
-                               ema.safetensors, config.yaml, manifest.json
+    run.lock                   the running job's lock (engine/run_lock.py)
+    checkpoints/step_000500/   model.safetensors   the fp32 weights, consolidated: TP = 1, whole model
+                               ema.safetensors     their EMA (when train.ema_decay > 0)
+                               optimizer.safetensors  Adam moments, named "exp_avg.<weight name>",
+                                                      "exp_avg_sq.<weight name>", same layout
+                               state.json          step, tokens, data position, optimizer step count,
+                                                   LR schedule, EMA count, noise schedule, the layout
+                                                   it was written on
+                               config.yaml, manifest.json
     checkpoints/latest         the name of the newest complete checkpoint
 
-A checkpoint is written under a temporary name and renamed into place only when complete, and
-`latest` is replaced atomically after that, so a crash mid-save leaves the previous one usable.
-`manifest.json`, written last, records every file's size and the sha256 of the config and the
-safetensors weights (DeepSpeed's shards, the bulk of a checkpoint, by size only); every load checks
-what it reads against it, and `train.resume=auto` falls back to the newest intact checkpoint.
+A checkpoint is written under a temporary name (.tmp-step_*) and renamed into place only when
+complete, and `latest` is replaced atomically after that, so a crash mid-save leaves the previous one
+usable; the run's lock holder removes such debris at start. Before writing, the saving rank checks the
+free space against the checkpoint's size (engine/disk_space.py). `manifest.json`, written last,
+records every file's size and sha256; every load checks what it reads against it, and
+`train.resume=auto` falls back to the newest intact checkpoint. Checkpoints written before the
+layout-free state hold DeepSpeed's per-rank shards instead and resume on their own layout only.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -31,10 +40,13 @@ from safetensors.torch import load_file, save_file
 
 from sad3_megatron.config import Config, config_from_dict, save_config
 from sad3_megatron.core.errors import Sad3Error
+from sad3_megatron.engine.disk_space import no_space_message, plan_space, tensor_bytes
+from sad3_megatron.engine.guard import injected_fault
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
-HASHED_SUFFIXES = (".safetensors", ".yaml")  # sha256: cheap next to the save; DeepSpeed shards: size
+STATE = "state.json"  # step, tokens, data position, LR schedule, EMA count, noise schedule, layout
+HASHED_SUFFIXES = (".safetensors", ".yaml", ".json")  # sha256 (older checkpoints' DeepSpeed shards: size)
 
 
 def step_name(step: int) -> str:
@@ -97,52 +109,112 @@ def _manifest_names(directory: Path) -> set[str]:
         return set()
 
 
+def _agree(problem: str | None) -> str | None:
+    """The writer's verdict (None: all went well), the same on every rank."""
+    verdict = [problem]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    return verdict[0]
+
+
 def save_checkpoint(
-    engine,
     root: Path,
     step: int,
-    client_state: dict,
+    state: dict,
     cfg: Config,
-    weights: dict[str, torch.Tensor],
-    ema_weights: dict[str, torch.Tensor] | None,
+    tensors: dict[str, dict[str, torch.Tensor] | None],
     keep_last: int,
 ) -> Path:
-    """Save everything needed to resume at `step` (every rank calls this), plus the consolidated
-    `weights` / `ema_weights` in the TP = 1 layout (written by rank 0). Returns the directory."""
+    """Save everything needed to resume at `step` on any layout: `tensors` are the consolidated
+    (TP = 1, whole-model) {"model": weights, "ema": EMA or None, "optimizer": Adam moments}, `state`
+    the JSON training state. Every rank calls this; rank 0 writes, and every rank raises the same
+    one-line Sad3Error when the save is refused (no space) or fails (the partial files are removed)."""
     root.mkdir(parents=True, exist_ok=True)
-    tag, tmp_tag = step_name(step), f".tmp-{step_name(step)}"
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
-    if is_writer and (root / tmp_tag).exists():
-        shutil.rmtree(root / tmp_tag)  # debris of an earlier interrupted save
-    if dist.is_initialized():
-        dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
-    if dist.is_initialized():
-        dist.barrier()  # every rank's shards are on disk before the directory is published
-    if is_writer:
-        tmp = root / tmp_tag
-        save_file(weights, str(tmp / "model.safetensors"))
-        if ema_weights is not None:
-            save_file(ema_weights, str(tmp / "ema.safetensors"))
+    problem = _write_checkpoint(root, step, state, cfg, tensors, keep_last) if is_writer else None
+    problem = _agree(problem)
+    if problem is not None:
+        raise Sad3Error(problem)
+    return root / step_name(step)
+
+
+def _write_checkpoint(root: Path, step: int, state: dict, cfg: Config, tensors: dict, keep_last: int) -> str | None:
+    """The writer's part of save_checkpoint: check the space, write under a temporary name, publish.
+    Returns why the checkpoint was not saved, or None."""
+    final, last = root / step_name(step), latest_checkpoint(root)
+    tmp = root / f".tmp-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # debris of an earlier interrupted save
+    needed = tensor_bytes(list(tensors.values()))
+    if injected_fault("disk_full", step):  # test-only: $SAD3_FAULT_INJECT, see engine/guard.py
+        needed = 1 << 60
+    plan = plan_space(root, needed, _prunable(root, keep_last, final), last)
+    if not plan.fits:
+        return no_space_message(final, plan, keep_last, last)
+    for old in plan.prune_first:
+        print(f"sad3: pruning {str(old)!r} before saving {final.name} (train.keep_last={keep_last}): the disk is nearly full", file=sys.stderr)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        for name, group in tensors.items():
+            if group is not None:
+                save_file(group, str(tmp / f"{name}.safetensors"))
+        _write_atomic(tmp / STATE, json.dumps(state, indent=1) + "\n")
         save_config(cfg, tmp / "config.yaml")
         write_manifest(tmp)
-        final = root / tag
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST, tag)
-        _prune(root, keep_last, final)
-    if dist.is_initialized():
-        dist.barrier()
-    return root / tag
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the last checkpoint {str(last)!r} is intact" if last else "no earlier checkpoint exists"
+        return (
+            f"writing checkpoint {str(final)!r} failed ({_first_line(err)}): its partial files were removed "
+            f"and {kept}; free space (or fix the filesystem) and rerun the same command to resume"
+        )
+    return _publish(root, tmp, final, keep_last)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep_last: int) -> str | None:
+    """Move a complete checkpoint into place, point `latest` at it, prune; why not, or None."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    try:
+        _write_atomic(root / LATEST, final.name)
+    except OSError as err:  # the checkpoint is complete: without `latest`, resume=auto takes the newest
+        (root / LATEST).unlink(missing_ok=True)
+        return f"checkpoint {str(final)!r} is saved but {LATEST!r} could not be updated ({_first_line(err)}): free space and rerun the same command to resume"
+    _prune(root, keep_last, final)
+    return None
+
+
+def _prunable(root: Path, keep_last: int, newest: Path) -> list[Path]:
+    """Checkpoints before `newest` beyond the keep_last - 1 kept beside it, oldest first. Checkpoints
+    numbered after it (a timeline abandoned by resuming an older one) are left alone."""
+    older = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name < newest.name)
+    return older[: max(len(older) - (keep_last - 1), 0)]
 
 
 def _prune(root: Path, keep_last: int, newest: Path) -> None:
-    """Keep `newest` (just written, hence the newest good one) and the keep_last - 1 before it.
-    Checkpoints numbered after it (a timeline abandoned by resuming an older one) are left alone."""
-    older = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name < newest.name)
-    for old in older[: max(len(older) - (keep_last - 1), 0)]:
+    """Keep `newest` (just written, hence the newest good one) and the keep_last - 1 before it."""
+    for old in _prunable(root, keep_last, newest):
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partial_saves(root: Path) -> list[Path]:
+    """Delete what interrupted saves left under `root` (.tmp-* directories, a half-written `latest`);
+    run at start by the run's lock holder, before anything else writes there. Returns what went."""
+    if not root.is_dir():
+        return []
+    debris = sorted(root.glob(".tmp-*")) + sorted(root.glob(LATEST + ".tmp"))
+    for path in debris:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return debris
 
 
 def _candidates(root: Path) -> list[Path]:
@@ -192,10 +264,20 @@ def require_intact(checkpoint: Path, only: tuple[str, ...] | None = None) -> Non
 
 
 def load_training_state(engine, checkpoint: Path) -> dict:
-    """Restore model, optimizer and LR scheduler into `engine`; returns the client state."""
-    _, client_state = engine.load_checkpoint(
-        str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    """A checkpoint of DeepSpeed's per-rank shards (written before the layout-free state): restore
+    model, optimizer and LR scheduler into `engine`, on the layout it was written on only; returns
+    the client state."""
+    try:
+        _, client_state = engine.load_checkpoint(
+            str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except Exception as err:  # DeepSpeed's refusals: assertions, ZeRORuntimeException, KeyError, ...
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise Sad3Error(
+            f"checkpoint {str(checkpoint)!r} holds DeepSpeed's per-rank shards (an earlier sad3's format), which load "
+            f"only on the layout they were written on ({reason}): resume it once on that layout; every checkpoint "
+            "saved from then on resumes on any layout"
+        ) from None
     if client_state is None:
         raise Sad3Error(
             f"checkpoint {str(checkpoint)!r} could not be loaded: its DeepSpeed files are missing or incomplete"
@@ -212,13 +294,75 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_ema(checkpoint: Path) -> dict[str, torch.Tensor]:
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
+class TensorFile(Mapping):
+    """The tensors of a safetensors file, each read from disk when asked for, with plain reads
+    rather than a memory map: a resume holds one whole tensor at a time, not the file's pages. The
+    format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the data. An unreadable file is a one-line error naming it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            self._start = 8 + size
+            self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            if not all(v["dtype"] in _DTYPES for v in self._entries.values()):
+                raise ValueError("unknown dtype")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise Sad3Error(
+                f"checkpoint file {str(path)!r} is unreadable ({_first_line(err)}): use another checkpoint"
+            ) from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        data = bytearray(end - begin)
+        with self.path.open("rb") as f:
+            f.seek(self._start + begin)
+            if f.readinto(data) != len(data):
+                raise Sad3Error(f"checkpoint file {str(self.path)!r} is truncated at {name!r}: use another checkpoint")
+        dtype = _DTYPES[entry["dtype"]]
+        return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"]) if data else torch.empty(entry["shape"], dtype=dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def is_layout_free(checkpoint: Path) -> bool:
+    """Written with the layout-free training state (state.json + optimizer.safetensors), not with
+    DeepSpeed's per-rank shards as checkpoints before it were."""
+    return (checkpoint / STATE).is_file() or STATE in _manifest_names(checkpoint)
+
+
+def read_state(checkpoint: Path) -> dict:
+    """state.json of a layout-free checkpoint."""
+    where = checkpoint / STATE
+    try:
+        state = json.loads(where.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise Sad3Error(f"checkpoint state {str(where)!r} is unreadable ({str(err).splitlines()[0]}): use another checkpoint") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise Sad3Error(f"checkpoint state {str(where)!r} is malformed: use another checkpoint")
+    return state
+
+
+def load_ema(checkpoint: Path) -> Mapping[str, torch.Tensor]:
+    """ema.safetensors of a checkpoint, each tensor read when asked for."""
     path = checkpoint / "ema.safetensors"
     if not path.is_file():
         raise Sad3Error(
             f"checkpoint {str(checkpoint)!r} has no ema.safetensors but the config enables EMA: set train.ema_decay=0 or resume another checkpoint"
         )
-    return _load_weights_file(path)
+    return TensorFile(path)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

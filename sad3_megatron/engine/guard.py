@@ -29,7 +29,8 @@ def injected_fault(kind: str, step: int) -> bool:
     """Test-only hook: whether $SAD3_FAULT_INJECT asks for fault `kind` at optimizer step `step`
     (1-based, as in metrics.jsonl) on this rank. Format: `KIND:step=S[,S...|A-B]:rank=R|*`, several
     separated by `;`, e.g. `nan_loss:step=3:rank=1` or `sigterm:step=2-3:rank=*`. Kinds:
-    nan_loss (the loss becomes NaN), sigterm (the rank sends itself SIGTERM before the step)."""
+    nan_loss (the loss becomes NaN), sigterm (the rank sends itself SIGTERM before the step),
+    disk_full (the checkpoint of that step does not fit on the disk: engine/checkpoint.py)."""
     spec = os.environ.get(FAULT_ENV, "")
     here = dist.get_rank() if dist.is_initialized() else 0
     for fault in filter(None, spec.split(";")):

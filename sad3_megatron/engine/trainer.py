@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,10 +31,15 @@ from sad3_megatron.data.corpus import load_corpus
 from sad3_megatron.data.sampler import batch_rows
 from sad3_megatron.engine.build import build_components
 from sad3_megatron.engine.checkpoint import (
+    TensorFile,
+    is_layout_free,
     latest_checkpoint,
     load_ema,
     load_training_state,
     read_checkpoint,
+    read_config,
+    read_state,
+    remove_partial_saves,
     require_intact,
     resume_checkpoint,
     save_checkpoint,
@@ -47,9 +53,18 @@ from sad3_megatron.engine.guard import GuardedAdamW, StepGuard, injected_fault
 from sad3_megatron.engine.lr_schedule import lr_multiplier
 from sad3_megatron.engine.metrics import MetricsLog
 from sad3_megatron.engine.mpu import MegatronMPU
+from sad3_megatron.engine.optimizer_state import (
+    LocalTensors,
+    gather_moments,
+    optimizer_steps,
+    restore_moments,
+    restore_weights,
+)
 from sad3_megatron.engine.pipeline import build_pipeline, pipeline_batch, pipeline_bound, to_canonical, to_local
 from sad3_megatron.engine.plan import gradient_accumulation, parameter_count
 from sad3_megatron.engine.preemption import clear_marker, stop_on_signals, write_marker
+from sad3_megatron.engine.resume import check_same_model, data_state, layout, row_offset, rows_at
+from sad3_megatron.engine.run_lock import lock_run, release_run
 from sad3_megatron.engine.schedule_search import ScheduleSearch
 from sad3_megatron.model.activation_checkpointing import apply_activation_checkpointing
 from sad3_megatron.model.build import build_model, model_parallel_config, prepare_sequence_parallel
@@ -185,15 +200,20 @@ def _load_weights(module: torch.nn.Module, checkpoint: str, zero3: bool, pipelin
         )
 
 
-def _micro_batch(corpus, cfg: Config, step: int, slot: int, device: torch.device):
+def _micro_batch(corpus, cfg: Config, step: int, slot: int, device: torch.device, row_offset: int = 0):
     """Rows, document ids (None unless packed by document) and noise generator of one micro-batch
-    slot of one step: pure functions of (seed, step, slot), hence exact on resume."""
+    slot of one step: pure functions of (seed, step, slot), hence exact on resume. `row_offset`
+    shifts the rows after a resume with another global batch (engine/resume.py)."""
     t = cfg.train
     dp_size = parallel_state.get_data_parallel_world_size()
     micro, dp_rank = divmod(slot, dp_size)
-    rows = batch_rows(
-        len(corpus.train), step, micro, t.micro_batch_size, t.grad_accum_steps, cfg.run.seed, dp_rank, dp_size
-    )
+    if row_offset:
+        start = step * t.micro_batch_size * t.grad_accum_steps * dp_size + slot * t.micro_batch_size + row_offset
+        rows = rows_at(len(corpus.train), start, t.micro_batch_size, cfg.run.seed)
+    else:
+        rows = batch_rows(
+            len(corpus.train), step, micro, t.micro_batch_size, t.grad_accum_steps, cfg.run.seed, dp_rank, dp_size
+        )
     batch = corpus.train.batch(rows)
     x = torch.as_tensor(batch.tokens, device=device)
     document_ids = None if batch.document_ids is None else torch.as_tensor(batch.document_ids, device=device)
@@ -238,6 +258,10 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.pipelined = cfg.parallel.pipeline_parallel > 1
         parts = build_components(cfg, with_model=False)
+        self.lock = lock_run(self.run_dir)  # one job per run directory; released when run() ends
+        if rank() == 0:
+            for debris in remove_partial_saves(self.ckpt_root):
+                print(f"sad3: removed {str(debris)!r}, left by an interrupted save", file=sys.stderr)
         self.device, self.objective, self.spec = parts.device, parts.objective, parts.spec
         self.schedule: NoiseSchedule | None = getattr(self.objective, "schedule", None)  # AR: none
         self.pipeline_layers = self.spec.model.num_layers if self.pipelined else None
@@ -248,19 +272,22 @@ class Trainer:
         self.zero3 = cfg.parallel.zero_stage == 3
         # ZeRO-1/2/3 check the gradient norm themselves; under ZeRO-0 the guard does (engine/guard.py).
         self.guard = StepGuard(self.device, check_grads=cfg.parallel.zero_stage == 0, enabled=t.nonfinite_guard)
+        self.resume_from = _resume_point(t.resume, self.ckpt_root, self.run_dir)
+        if self.resume_from is not None:  # before the data and the engine: a refusal comes at once
+            check_same_model(read_config(self.resume_from), cfg, self.resume_from)
         self.engine, self.scheduler = self._build_engine(parts.tokenizer)
         self.search = None
         if cfg.diffusion.schedule_search != "off":
             self.search = ScheduleSearch.from_config(cfg, parallel_state.get_data_parallel_group())
         self.start_step, self.tokens_seen = 0, 0
         self.skipped_steps, self.consecutive_skips = 0, 0
-        self.resume_from = _resume_point(t.resume, self.ckpt_root, self.run_dir)
+        self.global_batch = t.micro_batch_size * t.grad_accum_steps * self.dp_size
+        self.row_offset = 0  # nonzero after a resume with another global batch
         if t.init_from and self.resume_from is None:
             _load_weights(self.engine.module, t.init_from, self.zero3, self.pipeline_layers)
         self.ema = EMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
         if self.resume_from is not None:
             self._restore(self.resume_from)
-        self.global_batch = t.micro_batch_size * t.grad_accum_steps * self.dp_size
         self._announce(parts.tokenizer)
 
     def _build_engine(self, tokenizer):
@@ -302,15 +329,39 @@ class Trainer:
         return engine, scheduler
 
     def _restore(self, checkpoint: Path) -> None:
-        state = load_training_state(self.engine, checkpoint)
+        if is_layout_free(checkpoint):
+            state = self._restore_layout_free(checkpoint)
+        else:
+            state = load_training_state(self.engine, checkpoint)
         self.start_step, self.tokens_seen = state["step"], state["tokens"]
+        seq_len = self.cfg.model.seq_len
+        self.row_offset = row_offset(state.get("data"), self.start_step, self.global_batch, seq_len, self.is_main)
         self.skipped_steps = state.get("skipped_steps", 0)
         self.consecutive_skips = state.get("consecutive_skips", 0)
         if state.get("schedule") is not None:
             self.schedule = NoiseSchedule(**state["schedule"])
         if self.ema is not None:
-            shadow = local_weights(load_ema(checkpoint), self.engine.module, self.pipeline_layers)
+            shadow = LocalTensors(load_ema(checkpoint), self.engine.module, self.pipeline_layers)
             self.ema.load_state_dict(shadow, self.engine.module, state["ema_updates"])
+
+    def _restore_layout_free(self, checkpoint: Path) -> dict:
+        """Weights, fp32 master weights, Adam moments and step count, LR schedule and the engine's
+        counters from a layout-free checkpoint, into whatever layout this run has (every rank)."""
+        state = read_state(checkpoint)
+        module, layers = self.engine.module, self.pipeline_layers
+        restore_weights(self.engine, module, TensorFile(checkpoint / "model.safetensors"), layers)
+        moments = TensorFile(checkpoint / "optimizer.safetensors")
+        restore_moments(self.engine, module, moments, state["optimizer_steps"], layers)
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # what the scheduler set after the last step saved
+        self.engine.global_steps, self.engine.skipped_steps = state["step"], state["skipped_steps"]
+        self.engine.global_samples = state["data"]["rows"]
+        now = layout(self.cfg, self.dp_size, self.global_batch)
+        if self.is_main and state.get("layout") != now:
+            written = _layout_text(state.get("layout"))
+            print(f"sad3 train: {checkpoint.name} was written on {written}; resuming on {_layout_text(now)}", flush=True)
+        return state
 
     def _announce(self, tokenizer) -> None:
         if not self.is_main:
@@ -357,7 +408,7 @@ class Trainer:
         batches = []
         for micro in range(t.grad_accum_steps):
             x, document_ids, generator = _micro_batch(
-                self.corpus, self.cfg, step, micro * self.dp_size + self.dp_rank, self.device
+                self.corpus, self.cfg, step, micro * self.dp_size + self.dp_rank, self.device, self.row_offset
             )
             batch = self.objective.training_pass(x, generator, self.schedule)
             batch.weights = batch.weights * poison
@@ -372,7 +423,7 @@ class Trainer:
         for micro in range(t.grad_accum_steps):
             slot = micro * self.dp_size + self.dp_rank
             torch.manual_seed(step_seed(self.cfg.run.seed, step, slot))  # dropout
-            x, document_ids, generator = _micro_batch(self.corpus, self.cfg, step, slot, self.device)
+            x, document_ids, generator = _micro_batch(self.corpus, self.cfg, step, slot, self.device, self.row_offset)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 terms = self.objective(engine, x, generator, schedule=self.schedule, document_ids=document_ids)
             loss = terms.loss * poison
@@ -502,22 +553,28 @@ class Trainer:
             "schedule": schedule_state(self.schedule),
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
+            "data": data_state(step, self.global_batch, self.row_offset),
+            "optimizer_steps": optimizer_steps(self.engine),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "layout": layout(self.cfg, self.dp_size, self.global_batch),
         }
 
     def checkpoint(self, step: int) -> None:
-        """Every rank holds the consolidated weights, so all refuse alike if any is not finite."""
+        """The layout-free training state (engine/checkpoint.py). Every rank holds the consolidated
+        tensors, so all refuse alike if any is not finite."""
         weights, ema_weights = self.consolidated_weights()
-        for name, tensors in (("model", weights), ("EMA", ema_weights or {})):
+        moments = gather_moments(self.engine, self.engine.module, self.pipeline_layers)
+        for name, tensors in (("model weights", weights), ("EMA weights", ema_weights or {}), ("Adam moments", moments)):
             if not all(torch.isfinite(v).all() for v in tensors.values()):
                 last = latest_checkpoint(self.ckpt_root)
                 raise Sad3Error(
-                    f"step {step}: the {name} weights are not finite, so no checkpoint was written; "
+                    f"step {step}: the {name} are not finite, so no checkpoint was written; "
                     f"the last checkpoint is {str(last) if last else 'none'}"
                 )
+        tensors = {"model": weights, "ema": ema_weights, "optimizer": moments}
         save_checkpoint(
-            self.engine, self.ckpt_root, step, self.client_state(step), self.trained_config(), weights, ema_weights,
-            self.cfg.train.keep_last,
-        )  # fmt: skip
+            self.ckpt_root, step, self.client_state(step), self.trained_config(), tensors, self.cfg.train.keep_last
+        )
 
     def trained_config(self) -> Config:
         """The run's config with the noise schedule training uses now (a search may have moved it),
@@ -570,6 +627,8 @@ class Trainer:
                         break
             finally:
                 self.log.close()
+                if self.lock is not None:
+                    self.lock.release()
         if val is None and not stopped and self.start_step >= t.steps:
             val = self.evaluate()
         return TrainResult(self.run_dir, t.steps, loss_value, None if stopped else val, stopped)
@@ -595,6 +654,19 @@ class Trainer:
             )
 
 
+def _layout_text(layout: dict | None) -> str:
+    if not layout:
+        return "an unrecorded layout"
+    sp = " with sequence parallelism" if layout["sequence_parallel"] else ""
+    return (
+        f"TP {layout['tensor_parallel']} × PP {layout['pipeline_parallel']} × DP {layout['data_parallel']}{sp}, "
+        f"ZeRO-{layout['zero_stage']}, global batch {layout['global_batch']}"
+    )
+
+
 def train(cfg: Config) -> TrainResult:
     """Train (or resume) the run `cfg` describes; see Trainer."""
-    return Trainer(cfg).run()
+    try:
+        return Trainer(cfg).run()
+    finally:
+        release_run(Path(cfg.run.out_dir))  # also when setting up failed
