@@ -270,15 +270,45 @@ def _validate_model(cfg: Config) -> None:
 
 def _validate_shapes(cfg: Config) -> None:
     """The model's shape against itself and the tensor-parallel layout (after both are checked)."""
-    p, sizes = cfg.parallel, cfg.model.resolved()
-    if sizes.hidden_size % sizes.num_heads:
-        raise Sad3Error(f"model.hidden_size={sizes.hidden_size} is not divisible by model.num_heads={sizes.num_heads}")
-    if sizes.head_dim % 2:
-        raise Sad3Error("rotary embeddings need an even head dimension: change model.hidden_size or model.num_heads")
-    if sizes.num_heads % p.tensor_parallel:
+    p, m = cfg.parallel, cfg.model.resolved()
+    unset = [k for k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size") if getattr(m, k) is None]
+    if unset:
+        raise Sad3Error(f"model.preset={m.preset} leaves model.{unset[0]} unset: set it, or pick another preset")
+    if cfg.model.head_dim is None and m.hidden_size % m.num_heads:
         raise Sad3Error(
-            f"model.num_heads={sizes.num_heads} is not divisible by parallel.tensor_parallel={p.tensor_parallel}"
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}: set model.head_dim"
         )
+    if m.head_dim % 2:
+        raise Sad3Error(f"rotary embeddings need an even head dimension, got model.head_dim={m.head_dim}")
+    if m.num_kv_heads < 1 or m.num_heads % m.num_kv_heads:
+        raise Sad3Error(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+    if m.num_kv_heads % p.tensor_parallel:
+        raise Sad3Error(
+            f"model.num_kv_heads={m.num_kv_heads} is not divisible by parallel.tensor_parallel={p.tensor_parallel}: "
+            "tensor parallelism shards whole key/value groups; pick a TP size that divides it"
+        )
+    if m.ffn_hidden_size % p.tensor_parallel:
+        raise Sad3Error(
+            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tensor_parallel={p.tensor_parallel}"
+        )
+    if m.vocab_rows is not None and (m.vocab_rows < 1 or m.vocab_rows % p.tensor_parallel):
+        raise Sad3Error(
+            f"model.vocab_rows={m.vocab_rows} is not divisible by parallel.tensor_parallel={p.tensor_parallel}: "
+            "the embedding table shards by rows"
+        )
+    _validate_rope(m)
+
+
+def _validate_rope(m) -> None:
+    if m.rotary_base <= 0 or m.rope_factor <= 0:
+        raise Sad3Error(f"model.rotary_base and model.rope_factor must be positive, got {m.rotary_base}, {m.rope_factor}")
+    if m.rope_scaling == "llama3" and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+        raise Sad3Error(
+            "model.rope_scaling=llama3 needs 0 < model.rope_low_freq_factor < model.rope_high_freq_factor, got "
+            f"{m.rope_low_freq_factor} and {m.rope_high_freq_factor}"
+        )
+    if m.norm_eps <= 0:
+        raise Sad3Error(f"model.norm_eps must be positive, got {m.norm_eps}")
 
 
 def _validate_diffusion(cfg: Config) -> None:

@@ -52,7 +52,7 @@ from sad3_megatron.engine.plan import gradient_accumulation, parameter_count
 from sad3_megatron.engine.preemption import clear_marker, stop_on_signals, write_marker
 from sad3_megatron.engine.schedule_search import ScheduleSearch
 from sad3_megatron.model.activation_checkpointing import apply_activation_checkpointing
-from sad3_megatron.model.build import build_model, model_parallel_config, prepare_sequence_parallel
+from sad3_megatron.model.build import build_model, model_parallel_config, prepare_tensor_parallel
 from sad3_megatron.model.compile import compile_layers
 from sad3_megatron.model.fp8 import enable_fp8, require_fp8
 
@@ -271,8 +271,7 @@ class Trainer:
         if self.pipelined:
             model = build_pipeline(spec, model_parallel_config(sequence_parallel), self.objective, cfg.run.seed)
             model = model.to(self.device)
-            if sequence_parallel:
-                prepare_sequence_parallel(model)
+            prepare_tensor_parallel(model, sequence_parallel)
         else:
             # Under ZeRO-3 each layer's weights are partitioned as soon as it is built: no rank ever
             # holds the whole model, which is what lets the largest presets start at all.
