@@ -169,7 +169,8 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
 
 
 def load_config(
-    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None
+    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None,
+    check_files: bool = True,
 ) -> Config:
     """Read a YAML config, apply a named stage's overrides (the YAML's `stages:` mapping, e.g.
     pretrain / finetune of one recipe), then `section.key=value` overrides; validate; return it."""
@@ -202,7 +203,7 @@ def load_config(
             raise Sad3Error(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
         dotted, text = item.split("=", 1)
         _apply(cfg, *_split_key(dotted), yaml.safe_load(text) if text else None)
-    validate(cfg)
+    validate(cfg, check_files)
     return cfg
 
 

@@ -33,7 +33,6 @@ from sad3_megatron.engine.checkpoint import (
     latest_checkpoint,
     load_ema,
     load_training_state,
-    read_checkpoint,
     require_intact,
     resume_checkpoint,
     save_checkpoint,
@@ -44,6 +43,7 @@ from sad3_megatron.engine.distributed import data_parallel_info, rank
 from sad3_megatron.engine.ema import EMA
 from sad3_megatron.engine.flops import peak_tflops, training_flops_per_sequence
 from sad3_megatron.engine.guard import GuardedAdamW, StepGuard, injected_fault
+from sad3_megatron.engine.hf_import import apply_init_architecture, load_init_weights
 from sad3_megatron.engine.lr_schedule import lr_multiplier
 from sad3_megatron.engine.metrics import MetricsLog
 from sad3_megatron.engine.mpu import MegatronMPU
@@ -172,19 +172,6 @@ def local_weights(weights: dict[str, torch.Tensor], module: torch.nn.Module, pip
     return shard_tensor_parallel(weights, module)
 
 
-def _load_weights(module: torch.nn.Module, checkpoint: str, zero3: bool, pipeline_layers: int | None) -> None:
-    """Start from another run's consolidated weights (stage 2 of a recipe); optimizer starts fresh."""
-    _, weights, path = read_checkpoint(checkpoint, use_ema=False)
-    gathered = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0) if zero3 else nullcontext()
-    with gathered:
-        missing, unexpected = module.load_state_dict(local_weights(weights, module, pipeline_layers), strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise Sad3Error(
-            f"train.init_from={checkpoint!r} ({path}) does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-
-
 def _micro_batch(corpus, cfg: Config, step: int, slot: int, device: torch.device):
     """Rows, document ids (None unless packed by document) and noise generator of one micro-batch
     slot of one step: pure functions of (seed, step, slot), hence exact on resume."""
@@ -233,6 +220,7 @@ class Trainer:
     `client_state`: step, tokens, EMA, skipped-step counters and the noise schedule (β, ω)."""
 
     def __init__(self, cfg: Config):
+        cfg = apply_init_architecture(cfg)  # a run that starts from a checkpoint takes its architecture
         self.cfg, t = cfg, cfg.train
         self.run_dir = Path(cfg.run.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -256,7 +244,11 @@ class Trainer:
         self.skipped_steps, self.consecutive_skips = 0, 0
         self.resume_from = _resume_point(t.resume, self.ckpt_root, self.run_dir)
         if t.init_from and self.resume_from is None:
-            _load_weights(self.engine.module, t.init_from, self.zero3, self.pipeline_layers)
+            load_init_weights(self.engine.module, t.init_from, self.spec.model, self.spec.padded_vocab_size, self.zero3,
+                              self.pipeline_layers)  # fmt: skip
+            refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+            if refresh is not None:  # ZeRO keeps fp32 master copies made at initialize: take the loaded weights
+                refresh()
         self.ema = EMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -531,10 +523,7 @@ class Trainer:
         self.log = MetricsLog(
             self.run_dir / "metrics.jsonl", t.steps, self.start_step, self.is_main, t.progress_bar, t.wandb, cfg
         )
-        self.step_flops = self.global_batch * training_flops_per_sequence(
-            spec.model.num_layers, spec.model.hidden_size, spec.model.ffn_hidden_size, spec.padded_vocab_size,
-            self.objective,
-        )  # fmt: skip
+        self.step_flops = self.global_batch * training_flops_per_sequence(spec.model, spec.padded_vocab_size, self.objective)
         self.peak = peak_tflops(self.device, t.peak_tflops)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.started = time.perf_counter()
