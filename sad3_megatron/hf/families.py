@@ -208,6 +208,8 @@ def family_fields(m: ModelConfig, family: str, vocab_rows: int) -> dict[str, Any
         fields.update(use_sliding_window=False, sliding_window=None)
     if family == "mistral":
         fields["sliding_window"] = None
+    if family == "qwen2" and m.head_dim * m.num_heads == m.hidden_size:
+        del fields["head_dim"]  # not a Qwen2 config field (transformers reads it only when present)
     return fields
 
 
