@@ -101,6 +101,7 @@ class Config:
 
 
 _SECTIONS = {f.name: f.default_factory for f in fields(Config)}
+YAML_BOOLEANS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
 
 
 def _options(annotation) -> tuple:
@@ -119,6 +120,8 @@ def _coerce(where: str, value: Any, annotation, label: str | None = None) -> Any
         raise Sad3Error(f"{where} cannot be empty")
     options = _options(annotation)
     if options:
+        if isinstance(value, bool):  # YAML 1.1 reads off / on / no / yes as booleans: take the option meant
+            value = next((o for o in options if str(o).lower() in YAML_BOOLEANS[value]), value)
         if value not in options:
             raise Sad3Error(f"unknown {label or where} {value!r}: choose one of {', '.join(map(str, options))}")
         return value
