@@ -131,7 +131,8 @@ def pipeline_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tenso
 def build_pipeline(spec: TransformerSpec, mp: ModelParallelConfig, objective, base_seed: int) -> PipelineModule:
     """The model as a PipelineModule over megatron-core's process groups (same rank layout)."""
     n, tied = spec.model.num_layers, spec.model.tie_embeddings
-    first = TiedLayerSpec(TIED, EmbeddingStage, spec, mp, base_seed) if tied else LayerSpec(EmbeddingStage, spec, mp, base_seed)
+    first = (TiedLayerSpec(TIED, EmbeddingStage, spec, mp, base_seed, tied_weight_attr="embed.weight") if tied
+             else LayerSpec(EmbeddingStage, spec, mp, base_seed))  # fmt: skip
     layers = [first]
     for i in range(n):
         keep = objective.num_outputs if i == n - 1 else None

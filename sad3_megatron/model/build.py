@@ -36,6 +36,10 @@ def prepare_tensor_parallel(model: torch.nn.Module, sequence_parallel: bool) -> 
         prepare_sequence_parallel(model)
     elif parallel_state.get_tensor_model_parallel_world_size() > 1:
         sum_head_sharded_grads(model)
+        if torch.distributed.get_backend(parallel_state.get_tensor_model_parallel_group()) == "gloo":
+            from sad3_megatron.model.gloo_collectives import use_gloo_tensor_parallel  # CPU runs only
+
+            use_gloo_tensor_parallel()
 
 
 def prepare_sequence_parallel(model: torch.nn.Module) -> None:
