@@ -149,10 +149,10 @@ class HFModels:
 
     root: Path
 
-    def path(self, family: str) -> Path:
-        out = self.root / family
+    def path(self, family: str, dtype: torch.dtype = torch.float32) -> Path:
+        out = self.root / (family if dtype == torch.float32 else f"{family}-{str(dtype).removeprefix('torch.')}")
         if not (out / "config.json").is_file():
-            build_hf_model(family).save_pretrained(out)
+            build_hf_model(family).to(dtype).save_pretrained(out)
             word_tokenizer(HF_FAMILIES[family][3]).save_pretrained(out)
         return out
 

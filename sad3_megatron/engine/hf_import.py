@@ -35,18 +35,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from sad3_megatron.config import Config, save_config, validate
 from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.core.model_config import ARCHITECTURE_FIELDS, CUSTOM, PRESETS, ModelConfig
 from sad3_megatron.data.tokenizers import load_tokenizer
 from sad3_megatron.engine.checkpoint import read_config, require_intact, resolve_checkpoint, write_manifest
-from sad3_megatron.engine.consolidate import shard_range
-from sad3_megatron.engine.pipeline import canonical_name
 from sad3_megatron.hf.families import (
     Piece,
     SafetensorsDir,
@@ -133,6 +129,10 @@ def _source(init_from: str, model: ModelConfig, table_rows: int) -> tuple[Safete
 
 def _local_ranges(p: torch.nn.Parameter, shape: tuple[int, ...]):
     """(row ranges, column range) of the whole tensor that this rank's shard of `p` holds."""
+    from megatron.core import parallel_state
+
+    from sad3_megatron.engine.consolidate import shard_range
+
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp == 1 or not getattr(p, "tensor_model_parallel", False):
         return None, None
@@ -156,6 +156,8 @@ def _load_parameter(p: torch.nn.Parameter, source: SafetensorsDir, pieces: list[
     if not zero3:
         p.copy_(read())
         return
+    import deepspeed
+
     with deepspeed.zero.GatheredParameters([p], modifier_rank=0):  # one parameter at a time
         if dist.get_rank(group=p.ds_process_group) == 0:
             p.data.copy_(read())
@@ -164,6 +166,8 @@ def _load_parameter(p: torch.nn.Parameter, source: SafetensorsDir, pieces: list[
 def load_init_weights(module: torch.nn.Module, init_from: str, model: ModelConfig, table_rows: int, zero3: bool,
                       pipeline_layers: int | None) -> None:  # fmt: skip
     """Start from a checkpoint's weights (this rank's shard and stage only); the optimizer starts fresh."""
+    from sad3_megatron.engine.pipeline import canonical_name
+
     where = f"train.init_from={init_from!r}"
     source, plan = _source(init_from, model, table_rows)
     params = list(module.named_parameters())

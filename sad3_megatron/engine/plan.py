@@ -192,7 +192,9 @@ def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1, voca
 def describe_plan(cfg: Config, world_size: int) -> list[str]:
     """`sad3 train --dry-run`: the run in one line, then the plan's lines."""
     from sad3_megatron.data.tokenizers import load_tokenizer
+    from sad3_megatron.engine.hf_import import apply_init_architecture
 
+    cfg = apply_init_architecture(cfg)  # a run that starts from a checkpoint has its architecture
     plan = make_plan(cfg, world_size, load_tokenizer(cfg.data.tokenizer).vocab_size)
     fp8 = " + fp8 GEMMs" if cfg.train.fp8 else ""
     head = (
