@@ -373,6 +373,6 @@ def test_imported_logits_and_gradients_equal_transformers_at_tp2_with_sp_and_thr
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={launch.free_port()}",
            "tests/workers/hf_parity.py", layout, *directories]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=launch.env, capture_output=True, text=True, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("hf parity")]
-    assert proc.returncode == 0 and len(lines) == 2 * len(families), proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert all(line.startswith(f"hf parity ok {layout}") for line in lines), lines
+    report = proc.stdout[-3000:] + proc.stderr[-3000:]  # two ranks print: lines may interleave
+    assert proc.returncode == 0 and "hf parity FAILED" not in proc.stdout, report
+    assert proc.stdout.count(f"hf parity ok {layout} ") == 2 * len(families), report
