@@ -286,6 +286,8 @@ def _validate_shapes(cfg: Config) -> None:
         raise Sad3Error(f"rotary embeddings need an even head dimension, got model.head_dim={m.head_dim}")
     if m.num_kv_heads < 1 or m.num_heads % m.num_kv_heads:
         raise Sad3Error(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+    if m.num_heads % p.tensor_parallel:
+        raise Sad3Error(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor_parallel={p.tensor_parallel}")
     if m.num_kv_heads % p.tensor_parallel:
         raise Sad3Error(
             f"model.num_kv_heads={m.num_kv_heads} is not divisible by parallel.tensor_parallel={p.tensor_parallel}: "

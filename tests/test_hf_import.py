@@ -156,6 +156,26 @@ def test_block_diffusion_forward_of_an_import_equals_transformers_under_the_4d_m
     assert (ours[..., :VOCAB][..., kept] - reference[..., kept]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_diffusion_run_of_an_import_exports_in_sad3s_layout_with_its_architecture(family, imported, tmp_path):
+    from sad3_megatron.hf.modeling_sad3 import Sad3ForMaskedLM
+
+    checkpoint = imported(family, "diffusion.objective=sad3", "diffusion.block_size=4")
+    assert main(["export", str(checkpoint), str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["num_key_value_heads"], config["head_dim"]) == ((2, 16) if family == "llama" else (2, 32))
+    assert config["tie_word_embeddings"] == (family == "qwen3") and config["training_config"]["model"]["norm"] == "rmsnorm"
+    parts, _ = load_components(checkpoint)
+    export = Sad3ForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.full((2, 8), parts.tokenizer.mask_id)
+    x[:, :4] = torch.randint(3, 480, (2, 4), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ours = export(x, sad3_mask=AttentionMask.causal(8)).logits[:, 4:]
+        reference = parts.model(x, torch.arange(8), AttentionMask.causal(8)).logits[:, 4:]
+    assert torch.equal(torch.isinf(ours), torch.isinf(reference))
+    assert (ours[torch.isfinite(ours)] - reference[torch.isfinite(reference)]).abs().max().item() <= 1e-5
+
+
 BLOCKER = """
 import importlib.abc, json, sys
 class Blocker(importlib.abc.MetaPathFinder):
@@ -238,6 +258,10 @@ def test_sdar_export_has_sdars_config_keys_and_tensor_names_and_loads_both_ways(
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["module"].startswith("transformers_modules.") and out["class"] == "SdarForCausalLM" and out["loaded"] == []
     assert out["difference"] <= 1e-5 and out["rope_scaling"] is None
+    # An SDAR checkpoint imports too (Qwen3's tensors, its tokenizer's own mask token): the same tensors back.
+    assert main(["import", str(export), str(tmp_path / "back"), "diffusion.objective=sad3", f"model.seq_len={L}"]) == 0
+    back, ours = load_file(str(tmp_path / "back" / "model.safetensors")), load_file(str(checkpoint / "model.safetensors"))
+    assert sorted(back) == sorted(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
 
 
 SDAR_LOADER = """

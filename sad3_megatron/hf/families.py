@@ -19,6 +19,7 @@ safetensors and core only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,14 +344,30 @@ class SafetensorsDir:
                     self.dtypes[key] = SAFETENSORS_DTYPES.get(info.get_dtype(), torch.float32)
         self._mean: dict[str, torch.Tensor] = {}
 
-    def read(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
-        """Rows [a, b) (all by default) and columns [c, e) (all by default) of tensor `name`."""
+    @contextlib.contextmanager
+    def reading(self):
+        """Files opened for the reads inside the block (one tensor's pieces), unmapped after it."""
         from safetensors import safe_open
 
+        with contextlib.ExitStack() as stack:
+            self._open = lambda path: stack.enter_context(safe_open(str(path), framework="pt"))
+            self._handles: dict[Path, Any] = {}
+            try:
+                yield self
+            finally:
+                self._handles = None
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows [a, b) (all by default) and columns [c, e) (all by default) of tensor `name`."""
+        if getattr(self, "_handles", None) is None:
+            with self.reading():
+                return self.read(name, rows, cols)
         a, b = rows if rows is not None else (0, self.shapes[name][0])
-        with safe_open(str(self.file_of[name]), framework="pt") as f:
-            sliced = f.get_slice(name)
-            return sliced[a:b] if cols is None else sliced[a:b, cols[0] : cols[1]]
+        path = self.file_of[name]
+        if path not in self._handles:
+            self._handles[path] = self._open(path)
+        sliced = self._handles[path].get_slice(name)
+        return sliced[a:b] if cols is None else sliced[a:b, cols[0] : cols[1]]
 
     def mean_row(self, name: str, chunk: int = 8192) -> torch.Tensor:
         """The mean row of a table, in fp32, read chunk by chunk."""
@@ -378,6 +395,11 @@ def read_rows(
 ) -> torch.Tensor:  # fmt: skip
     """Rows `rows` (ranges of the sad3 tensor; all by default) and columns `cols` of the sad3 tensor
     that `pieces` describe, reading only those rows of the sources."""
+    with source.reading():
+        return _read_rows(source, pieces, rows, cols)
+
+
+def _read_rows(source: SafetensorsDir, pieces: list[Piece], rows, cols) -> torch.Tensor:
     total = sum(p.rows for p in pieces)
     out = []
     for a, b in rows if rows is not None else [(0, total)]:
