@@ -400,3 +400,32 @@ def test_imported_logits_and_gradients_equal_transformers_at_tp2_with_sp_and_thr
     report = proc.stdout[-3000:] + proc.stderr[-3000:]  # two ranks print: lines may interleave
     assert proc.returncode == 0 and "hf parity FAILED" not in proc.stdout, report
     assert proc.stdout.count(f"hf parity ok {layout} ") == 2 * len(families), report
+
+
+@pytest.mark.slow
+def test_training_from_a_transformers_directory_matches_one_process_under_zero3_and_pp2(hf_models, launch, tmp_path):
+    """`sad3 train ... train.init_from=HF_DIR` end to end: the streaming load under ZeRO-3 (one parameter
+    gathered at a time, read by one rank), and through DeepSpeed's pipeline engine with the tied embedding
+    on both stages, give the single process's losses and gradient norms step by step (global batch 8)."""
+    directory = hf_models.path("qwen2")  # tied, q/k/v biases, GQA
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(" ".join(f"w{(11 * i + 7 * j) % 480}" for j in range(300)) for i in range(40)) + "\n")
+    common = ["configs/demo.yaml", f"train.init_from={directory}", f"data.tokenizer={directory}", f"data.train_files=[{text}]",
+              "model.seq_len=32", "train.micro_batch_size=4", "train.steps=3", "train.log_interval=1", "train.ema_decay=0",
+              "train.eval_interval=1000", "train.progress_bar=false", "train.lr_schedule=constant", "train.warmup_steps=1",
+              "train.lr=1e-3"]  # fmt: skip
+    layouts = {"single": (["train.grad_accum_steps=2"], 1), "zero3": (["parallel.zero_stage=3"], 2),
+               "pp2": (["parallel.pipeline_parallel=2", "parallel.zero_stage=1", "train.grad_accum_steps=2"], 2)}  # fmt: skip
+    records = {}
+    for name, (overrides, nproc) in layouts.items():
+        out = tmp_path / name
+        proc = subprocess.run([*launch.train_cmd(nproc), *common, *overrides, f"run.out_dir={out}"], cwd=ROOT, env=launch.env,
+                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        records[name] = {r["step"]: r for r in lines if "loss" in r}
+    for name in ("zero3", "pp2"):
+        assert sorted(records[name]) == sorted(records["single"]) == [1, 2, 3]
+        for step, reference in records["single"].items():
+            for key in ("loss", "grad_norm"):
+                assert records[name][step][key] == pytest.approx(reference[key], rel=1e-5, abs=1e-5), (name, key, step)
