@@ -99,6 +99,9 @@ HF_FAMILIES = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
               rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), HF_VOCAB),
+    # Llama: linear rope scaling, multi-head, attention and MLP biases (q/k/v/o and gate/up/down).
+    "llama_linear": ("LlamaForCausalLM", "LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4, attention_bias=True,
+                     mlp_bias=True, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}), HF_VOCAB),
     # Qwen2: q/k/v biases, tied, GQA; a padded table holds the mask token (no resize).
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
               rope_parameters={"rope_type": "default", "rope_theta": 1e6}), HF_VOCAB - 12),

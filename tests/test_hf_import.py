@@ -1,7 +1,7 @@
 """Transformers checkpoints in and out: `train.init_from=HF_DIR`, `sad3 import`, `sad3 export --format
 transformers|sdar` (engine/hf_import.py, engine/export.py, hf/families.py).
 
-References: tiny random Llama (llama3 rope scaling, untied, GQA), Qwen2 (q/k/v biases, tied), Qwen3 (QK-norm,
+References: tiny random Llama (llama3 rope scaling, untied, GQA; and linear rope scaling with every bias), Qwen2 (q/k/v biases, tied), Qwen3 (QK-norm,
 head_dim != hidden / heads; tied, and untied multi-query) and Mistral (GQA) models built and saved by
 transformers itself (tests/conftest.py `hf_models`), run by transformers in fp32; the block-diffusion
 reference is transformers' model under a hand-written 4-D mask; the SDAR layout is checked against the
@@ -29,7 +29,7 @@ from sad3_megatron.engine.export import family_tensors
 from sad3_megatron.engine.hf_import import apply_init_architecture, load_init_weights
 from sad3_megatron.hf.families import hf_pieces, tensor_plan
 
-FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_untied", "mistral")
+FAMILIES = ("llama", "llama_linear", "qwen2", "qwen3", "qwen3_untied", "mistral")
 ROOT = Path(__file__).resolve().parent.parent
 L = 32
 VOCAB = 512  # rows of every tiny table (tests/conftest.py HF_VOCAB)
