@@ -101,6 +101,7 @@ class Config:
 
 
 _SECTIONS = {f.name: f.default_factory for f in fields(Config)}
+YAML_BOOLEANS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
 
 
 def _options(annotation) -> tuple:
@@ -119,6 +120,8 @@ def _coerce(where: str, value: Any, annotation, label: str | None = None) -> Any
         raise Sad3Error(f"{where} cannot be empty")
     options = _options(annotation)
     if options:
+        if isinstance(value, bool):  # YAML 1.1 reads off / on / no / yes as booleans: take the option meant
+            value = next((o for o in options if str(o).lower() in YAML_BOOLEANS[value]), value)
         if value not in options:
             raise Sad3Error(f"unknown {label or where} {value!r}: choose one of {', '.join(map(str, options))}")
         return value
@@ -169,7 +172,8 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
 
 
 def load_config(
-    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None
+    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None,
+    check_files: bool = True,
 ) -> Config:
     """Read a YAML config, apply a named stage's overrides (the YAML's `stages:` mapping, e.g.
     pretrain / finetune of one recipe), then `section.key=value` overrides; validate; return it."""
@@ -202,7 +206,7 @@ def load_config(
             raise Sad3Error(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
         dotted, text = item.split("=", 1)
         _apply(cfg, *_split_key(dotted), yaml.safe_load(text) if text else None)
-    validate(cfg)
+    validate(cfg, check_files)
     return cfg
 
 
@@ -270,15 +274,47 @@ def _validate_model(cfg: Config) -> None:
 
 def _validate_shapes(cfg: Config) -> None:
     """The model's shape against itself and the tensor-parallel layout (after both are checked)."""
-    p, sizes = cfg.parallel, cfg.model.resolved()
-    if sizes.hidden_size % sizes.num_heads:
-        raise Sad3Error(f"model.hidden_size={sizes.hidden_size} is not divisible by model.num_heads={sizes.num_heads}")
-    if sizes.head_dim % 2:
-        raise Sad3Error("rotary embeddings need an even head dimension: change model.hidden_size or model.num_heads")
-    if sizes.num_heads % p.tensor_parallel:
+    p, m = cfg.parallel, cfg.model.resolved()
+    unset = [k for k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size") if getattr(m, k) is None]
+    if unset:
+        raise Sad3Error(f"model.preset={m.preset} leaves model.{unset[0]} unset: set it, or pick another preset")
+    if cfg.model.head_dim is None and m.hidden_size % m.num_heads:
         raise Sad3Error(
-            f"model.num_heads={sizes.num_heads} is not divisible by parallel.tensor_parallel={p.tensor_parallel}"
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}: set model.head_dim"
         )
+    if m.head_dim % 2:
+        raise Sad3Error(f"rotary embeddings need an even head dimension, got model.head_dim={m.head_dim}")
+    if m.num_kv_heads < 1 or m.num_heads % m.num_kv_heads:
+        raise Sad3Error(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+    if m.num_heads % p.tensor_parallel:
+        raise Sad3Error(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor_parallel={p.tensor_parallel}")
+    if m.num_kv_heads % p.tensor_parallel:
+        raise Sad3Error(
+            f"model.num_kv_heads={m.num_kv_heads} is not divisible by parallel.tensor_parallel={p.tensor_parallel}: "
+            "tensor parallelism shards whole key/value groups; pick a TP size that divides it"
+        )
+    if m.ffn_hidden_size % p.tensor_parallel:
+        raise Sad3Error(
+            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tensor_parallel={p.tensor_parallel}"
+        )
+    if m.vocab_rows is not None and (m.vocab_rows < 1 or m.vocab_rows % p.tensor_parallel):
+        raise Sad3Error(
+            f"model.vocab_rows={m.vocab_rows} is not divisible by parallel.tensor_parallel={p.tensor_parallel}: "
+            "the embedding table shards by rows"
+        )
+    _validate_rope(m)
+
+
+def _validate_rope(m) -> None:
+    if m.rotary_base <= 0 or m.rope_factor <= 0:
+        raise Sad3Error(f"model.rotary_base and model.rope_factor must be positive, got {m.rotary_base}, {m.rope_factor}")
+    if m.rope_scaling == "llama3" and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+        raise Sad3Error(
+            "model.rope_scaling=llama3 needs 0 < model.rope_low_freq_factor < model.rope_high_freq_factor, got "
+            f"{m.rope_low_freq_factor} and {m.rope_high_freq_factor}"
+        )
+    if m.norm_eps <= 0:
+        raise Sad3Error(f"model.norm_eps must be positive, got {m.norm_eps}")
 
 
 def _validate_diffusion(cfg: Config) -> None:

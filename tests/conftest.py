@@ -90,6 +90,88 @@ def dequantized():
     return dequantized
 
 
+# Tiny random checkpoints of the four transformers families sad3 imports, built with transformers itself.
+HF_VOCAB = 512
+HF_COMMON = dict(vocab_size=HF_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 max_position_embeddings=256, rms_norm_eps=1e-6)  # fmt: skip
+HF_FAMILIES = {
+    # Llama: llama3 rope scaling (original context 64, so positions < 64 hit all three bands), untied, GQA 4:2;
+    # the tokenizer fills the table, so the mask token takes a new row.
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+              rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), HF_VOCAB),
+    # Llama: linear rope scaling, multi-head, attention and MLP biases (q/k/v/o and gate/up/down).
+    "llama_linear": ("LlamaForCausalLM", "LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4, attention_bias=True,
+                     mlp_bias=True, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}), HF_VOCAB),
+    # Qwen2: q/k/v biases, tied, GQA; a padded table holds the mask token (no resize).
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e6}), HF_VOCAB - 12),
+    # Qwen3: QK-norm, head_dim 32 != 64 / 4, tied.
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+              tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}), HF_VOCAB - 12),
+    # Qwen3: untied, multi-query (one KV head), head_dim 24.
+    "qwen3_untied": ("Qwen3ForCausalLM", "Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24,
+                     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6}), HF_VOCAB - 12),
+    # Mistral: GQA, no sliding window (its class default is 4096).
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6}), HF_VOCAB),
+}  # fmt: skip
+
+
+def word_tokenizer(n: int):
+    """A word-level tokenizer of exactly n tokens (<unk> <s> </s> w0 w1 ...), built with `tokenizers`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(n - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_hf_model(family: str, seed: int = 0, **changes):
+    """A random fp32 transformers model of `family`, its norms and biases randomised too (HF initialises
+    them to 1 and 0, which would hide a mapping that mixes them up)."""
+    import transformers
+
+    cls, config_cls, extra, _ = HF_FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**HF_COMMON, **extra, **changes})
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+@dataclass
+class HFModels:
+    """Tiny transformers checkpoints (config.json, model.safetensors, a tokenizer) saved once per session."""
+
+    root: Path
+
+    def path(self, family: str, dtype: torch.dtype = torch.float32) -> Path:
+        out = self.root / (family if dtype == torch.float32 else f"{family}-{str(dtype).removeprefix('torch.')}")
+        if not (out / "config.json").is_file():
+            build_hf_model(family).to(dtype).save_pretrained(out)
+            word_tokenizer(HF_FAMILIES[family][3]).save_pretrained(out)
+        return out
+
+    def model(self, family: str):
+        """The saved model, loaded back in fp32 with the sdpa kernel (the reference)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path(family), dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory) -> HFModels:
+    return HFModels(tmp_path_factory.mktemp("hf"))
+
+
 @dataclass(frozen=True)
 class Launch:
     """Training runs as subprocesses: one process (`sad3 train`) or several (torchrun, gloo)."""

@@ -17,6 +17,16 @@ def test_parameter_count_matches_the_built_model():
     assert parameter_count(cfg, 30522) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("preset", ["small", "llama3.2-1b", "llama3-8b", "qwen2.5-0.5b", "qwen3-0.6b", "qwen3-8b"])
+def test_parameter_count_is_exact_for_every_architecture(preset):
+    """Grouped-query q/k/v rows, SwiGLU's three matrices, QK-norm, biases, tied and imported tables: the
+    plan's count against the trainer's model of two layers of the preset's shape, built on the meta device."""
+    cfg = load_config("configs/demo.yaml", [f"model.preset={preset}", "model.num_layers=2"])
+    with torch.device("meta"):
+        model = build_model(make_spec(cfg.model, 30522, 103, "sdpa"), torch.device("meta"))
+    assert parameter_count(cfg, 30522) == sum(p.numel() for p in model.parameters())
+
+
 def test_plan_batch_arithmetic_and_zero_memory_ordering():
     base = ["model.preset=small", "model.seq_len=1024", "train.global_batch_size=512", "train.micro_batch_size=8"]
     totals = []

@@ -190,6 +190,6 @@ def test_gpu_checks_exits_nonzero_when_a_check_fails(tmp_path):
         )  # fmt: skip
         assert proc.returncode == expected, proc.stdout + proc.stderr
         status = (out / "status.txt").read_text().splitlines()
-        assert len(status) == 7
+        assert len(status) == 8
         failed = [line for line in status if "FAILED" in line]
         assert failed == (["GPU-only paths against their references: FAILED (exit 3)"] if failing else [])

@@ -114,10 +114,7 @@ class Variant:
             compile_layers(self.model)
         fused = {"fused": True} if device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **fused)
-        self.flops = args.batch_size * training_flops_per_sequence(
-            spec.model.num_layers, spec.model.hidden_size, spec.model.ffn_hidden_size, spec.padded_vocab_size,
-            self.objective,
-        )  # fmt: skip
+        self.flops = args.batch_size * training_flops_per_sequence(spec.model, spec.padded_vocab_size, self.objective)
         self.device, self.times, self.losses, self.peak_gib = device, [], [], None
 
     def step(self, x: torch.Tensor, seed: int) -> None:

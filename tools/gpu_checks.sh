@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks and measurements that need a GPU, as one script of at most 10 minutes: throughput and MFU
 # of the 110M model (L = 1024, L' = 4 against MDLM; bf16, fp8, compiled layers, chunked loss, activation
-# checkpointing) and of the 1.4B `xl` preset, the output layer's memory, the GPU-only paths against
+# checkpointing), of the 1.4B `xl` preset (DiT block) and of the 1.2B llama-style `llama3.2-1b` preset
+# (RMSNorm, SwiGLU, grouped-query attention, tied 128,256-row table), the output layer's memory, the GPU-only paths against
 # their references (pytest -m gpu), sampling speed (KV cache, batches, confident vs AR), and a short run
 # of the real trainer and sampler.
 #   bash tools/gpu_checks.sh [out_dir]
@@ -31,13 +32,17 @@ COMPASS="$OUT_DIR/compass.md"
 printf '| setting | variant | step | tokens/s | MFU | ratio | peak memory |\n|---|---|---|---|---|---|---|\n' > "$COMPASS"
 
 check "throughput: 110M, L=1024, batch 16" "$OUT_DIR/bench.txt" \
-  timeout 170 $PY tools/bench_training.py --preset small --seq-len 1024 --batch-size 16 --rounds 10 --warmup 3 \
+  timeout 165 $PY tools/bench_training.py --preset small --seq-len 1024 --batch-size 16 --rounds 10 --warmup 3 \
     --variants bd3:flex:bf16,mdlm:flex:bf16,bd3:flex:bf16:compile+chunk,mdlm:flex:bf16:compile+chunk,bd3:flex:bf16:ckpt-selective,bd3:flex:fp8:compile \
     --markdown "$COMPASS"
 
 check "throughput: 1.4B xl, L=1024, batch 8" "$OUT_DIR/bench_xl.txt" \
-  timeout 120 $PY tools/bench_training.py --preset xl --seq-len 1024 --batch-size 8 --vocab-size 50258 --rounds 5 \
-    --warmup 2 --variants bd3:flex:bf16,bd3:flex:bf16:compile+chunk,bd3:flex:fp8:compile+chunk --markdown "$COMPASS"
+  timeout 100 $PY tools/bench_training.py --preset xl --seq-len 1024 --batch-size 8 --vocab-size 50258 --rounds 5 \
+    --warmup 2 --variants bd3:flex:bf16,bd3:flex:fp8:compile+chunk --markdown "$COMPASS"
+
+check "throughput: 1.2B llama3.2-1b (GQA 32/8, SwiGLU, tied), L=1024, batch 4" "$OUT_DIR/bench_llama.txt" \
+  timeout 70 $PY tools/bench_training.py --preset llama3.2-1b --seq-len 1024 --batch-size 4 --vocab-size 128256 \
+    --rounds 4 --warmup 2 --variants bd3:flex:bf16 --markdown "$COMPASS"
 
 check "output layer: full logits vs chunked loss (16 x 1024 tokens, GPT-2 vocabulary)" "$OUT_DIR/output_layer.txt" \
   timeout 30 $PY tools/bench_output_layer.py --tokens 16384 --hidden 768 --vocab 50304 --bf16
@@ -47,7 +52,7 @@ check "GPU-only paths against their references" "$OUT_DIR/pytest_gpu.txt" \
 
 printf '\n| sampling | setting | speed | ratio / NFEs |\n|---|---|---|---|\n' >> "$COMPASS"
 check "sampling: KV cache, batches 1/16/64, confident vs AR (110M, 1024 tokens)" "$OUT_DIR/sampling.txt" \
-  timeout 60 $PY tools/bench_sampling.py --preset small --seq-len 1024 --num-tokens 1024 --block-size 16 \
+  timeout 55 $PY tools/bench_sampling.py --preset small --seq-len 1024 --num-tokens 1024 --block-size 16 \
     --steps 16 --batches 1,16,64 --markdown "$COMPASS"
 
 RUN=$(mktemp -d)/run

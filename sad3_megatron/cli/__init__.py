@@ -13,7 +13,7 @@ from sad3_megatron.cli.flags import Parser
 from sad3_megatron.core.errors import Sad3Error
 
 COMMANDS = (train, evaluate, sample, export, data, plot, checkpoint)  # each adds its subcommands to the parser
-OVERRIDE_COMMANDS = ("train", "data")  # `key=value` overrides may sit anywhere among their options
+OVERRIDE_COMMANDS = ("train", "data", "import")  # `key=value` overrides may sit anywhere among their options
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,9 @@
   can express natively: no mask (KV-cache sampling, where a block sees its cache and itself) and
   the causal mask (the AR baseline). The doubled training mask asks for ``flex``.
 
-Tensors are [batch, heads, seq, head_dim]; a mask of None means every query sees every key.
+Tensors are [batch, heads, seq, head_dim]; a mask of None means every query sees every key. Keys and
+values may have fewer heads than queries (grouped-query attention): query head j reads key/value head
+j // (query heads / key-value heads), as transformers' `repeat_kv` does, without copying them.
 """
 
 from __future__ import annotations
@@ -61,12 +63,16 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _grouped(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return k.shape[1] != q.shape[1]
+
+
 def _sdpa(q, k, v, mask):
     if isinstance(mask, DocumentMask):
         dense = mask.memo("dense", q.device, lambda: mask.dense(q.device))  # once per micro-batch
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=_grouped(q, k))
     attn_mask = None if mask is None else _dense_mask(mask, str(q.device))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=_grouped(q, k))
 
 
 def _flex(q, k, v, mask):
@@ -88,7 +94,7 @@ def _flex(q, k, v, mask):
     else:
         block_mask = None if mask is None else _block_mask(mask, str(q.device), FLEX_BLOCK_SIZE)
     kernel = _compiled_flex() if q.device.type == "cuda" else flex_attention
-    return kernel(q, k, v, block_mask=block_mask)
+    return kernel(q, k, v, block_mask=block_mask, enable_gqa=_grouped(q, k))
 
 
 def _flash_attn_func():

@@ -1,11 +1,18 @@
 """The denoiser x_θ as plain torch modules: one network for the trainer and the exported model.
 
-A pre-LayerNorm DiT-style transformer without time conditioning (Suppl. F): rotary positions, GELU
-MLP, dropout, a final LayerNorm and an untied output layer, in megatron's [seq, batch, hidden]
-layout between layers. Every piece that is not about parallel layouts lives here:
+A pre-norm transformer without time conditioning (Suppl. F), in megatron's [seq, batch, hidden] layout
+between layers, in the two kinds of block `ModelConfig` describes: the paper's DiT-style block
+(LayerNorm, GELU MLP, multi-head attention, an untied output layer: the default) and the modern
+decoder of Llama / Qwen2 / Qwen3 / Mistral (RMSNorm, SwiGLU, grouped-query attention, QK-norm, tied
+embeddings, scaled rotary frequencies). Every piece that is not about parallel layouts lives here:
 
-- the attention core: qkv split per head → rotary → concatenate the cached clean prefix → `attend`
-  → merge heads (q/k/v are laid out per head, so a tensor-parallel shard holds whole heads);
+- the attention core: split the fused q/k/v projection by key/value group → QK-norm → rotary →
+  concatenate the cached clean prefix → `attend` → merge heads. The fused projection's rows are
+  megatron-core's `linear_qkv` layout: per key/value group, the group's query heads, then its key
+  head, then its value head (head_dim rows each), so a tensor-parallel shard holds whole groups; with
+  one group per head it is the (heads, 3, head_dim) layout of the DiT block;
+- the MLP: GELU, or SwiGLU on fc1 = [gate; up] (a tensor-parallel rank holds [gate_r; up_r] and splits
+  its own output in two, as megatron-core's gated MLP does);
 - the residual layer and the layer loop, whose last layer keeps only `num_outputs` rows;
 - the output head's SUBS rule (Sahoo et al., 2024): [MASK] and padding ids are never predicted.
 
@@ -33,7 +40,7 @@ from .attention import attend, resolve_backend
 from .kv_cache import KV
 from .masks import AttentionMask
 from .model_config import ModelConfig
-from .rotary import RotaryEmbedding, apply_rotary
+from .rotary import RopeScaling, RotaryEmbedding, apply_rotary
 
 
 @dataclass
@@ -43,16 +50,54 @@ class ModelOutput:
     kv: list[KV] | None  # this call's keys/values per layer, when asked for
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight as transformers computes it for Llama, Qwen and Mistral: the mean square in
+    fp32, the normalized input cast back to the input's dtype before the weight multiplies it."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def make_norm(kind: str, size: int, eps: float) -> nn.Module:
+    return RMSNorm(size, eps) if kind == "rmsnorm" else nn.LayerNorm(size, eps=eps)
+
+
+def rotary_embedding(m: ModelConfig) -> RotaryEmbedding:
+    """The rotary frequencies of a resolved config (θ, head_dim and the rope scaling)."""
+    scaling = RopeScaling(m.rope_scaling, m.rope_factor, m.rope_low_freq_factor, m.rope_high_freq_factor,
+                          m.rope_original_max_positions)  # fmt: skip
+    return RotaryEmbedding(m.head_dim, m.rotary_base, scaling)
+
+
+def qk_norms(m: ModelConfig) -> tuple[nn.Module | None, nn.Module | None]:
+    """QK-norm's two norms over head_dim (one weight shared by all heads), or none."""
+    if not m.qk_norm:
+        return None, None
+    return make_norm(m.norm, m.head_dim, m.norm_eps), make_norm(m.norm, m.head_dim, m.norm_eps)
+
+
 def attention_core(
-    qkv: torch.Tensor, rope, mask: AttentionMask | None, past: KV | None, keep: int, head_dim: int, backend: str
-) -> tuple[torch.Tensor, KV]:
-    """Attention over projected qkv [s, b, heads·3·head_dim] (laid out per head as (3, head_dim)).
+    qkv: torch.Tensor, rope, mask: AttentionMask | None, past: KV | None, keep: int, head_dim: int, backend: str,
+    groups: int = 1, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
+) -> tuple[torch.Tensor, KV]:  # fmt: skip
+    """Attention over projected qkv [s, b, kv_heads·(groups + 2)·head_dim]: per key/value group, its
+    `groups` query heads, its key head and its value head (megatron-core's linear_qkv layout).
 
     Queries are kept for the first `keep` rows only; keys/values of all s rows are returned
-    (rotated, [b, heads, s, head_dim]) and attend after the cached prefix `past`. Returns the merged
-    heads [keep, b, heads·head_dim] and this call's K/V."""
+    (rotated, [b, kv_heads, s, head_dim]) and attend after the cached prefix `past`. QK-norm (Qwen3)
+    normalizes every query and key head before rotary. Returns the merged heads
+    [keep, b, heads·head_dim] and this call's K/V."""
     s, b = qkv.shape[:2]
-    q, k, v = qkv.view(s, b, -1, 3, head_dim).unbind(3)
+    q, k, v = qkv.view(s, b, -1, (groups + 2) * head_dim).split([groups * head_dim, head_dim, head_dim], dim=-1)
+    q = q.reshape(s, b, -1, head_dim)  # query head j belongs to key/value group j // groups
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q[:keep], k, v))  # -> [b, heads, s, d]
     new_kv = (k, v)
@@ -64,11 +109,15 @@ def attention_core(
     return out.permute(2, 0, 1, 3).reshape(keep, b, q.shape[1] * head_dim), new_kv
 
 
-def subs_blocked_ids(first_id: int, count: int, vocab_size: int, mask_id: int) -> torch.Tensor:
-    """Columns [0, count) of an output layer holding ids first_id.. that SUBS never predicts: the
-    mask token, and the padding rows past the vocabulary (the trainer pads it to a multiple of 128)."""
+def subs_blocked_ids(first_id: int, count: int, vocab_size: int, mask_id: int | None) -> torch.Tensor:
+    """Columns [0, count) of an output layer holding ids first_id.. that are never predicted: the
+    padding rows past the vocabulary (the trainer pads it to a multiple of 128) and the mask token
+    (SUBS; None where it is predicted: see `ModelConfig.blocked_mask_id`)."""
     ids = torch.arange(count, device="cpu") + first_id  # on the CPU even under a meta-device build
-    return torch.nonzero((ids >= vocab_size) | (ids == mask_id)).flatten()
+    blocked = ids >= vocab_size
+    if mask_id is not None:
+        blocked |= ids == mask_id
+    return torch.nonzero(blocked).flatten()
 
 
 def copy_unmasked(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -83,38 +132,58 @@ def _call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+def _call_output(layer: nn.Module | None, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    return layer(x) if weight is None else F.linear(x, weight)
+
+
 class Attention(nn.Module):
-    def __init__(self, qkv: nn.Module, proj: nn.Module, head_dim: int, backend: str):
+    def __init__(
+        self, qkv: nn.Module, proj: nn.Module, head_dim: int, backend: str, groups: int = 1,
+        q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.qkv, self.proj = qkv, proj
-        self.head_dim, self.backend = head_dim, backend
+        self.head_dim, self.backend, self.groups = head_dim, backend, groups
+        self.q_norm, self.k_norm = q_norm, k_norm
 
     project = staticmethod(_call)  # how a linear layer is applied (megatron's return (output, bias))
 
     def forward(self, h, rope, mask: AttentionMask | None, past: KV | None, keep: int) -> tuple[torch.Tensor, KV]:
-        out, kv = attention_core(self.project(self.qkv, h), rope, mask, past, keep, self.head_dim, self.backend)
+        out, kv = attention_core(self.project(self.qkv, h), rope, mask, past, keep, self.head_dim, self.backend,
+                                 self.groups, self.q_norm, self.k_norm)  # fmt: skip
         return self.project(self.proj, out), kv
 
 
 class MLP(nn.Module):
-    def __init__(self, fc1: nn.Module, fc2: nn.Module):
+    """fc2(GELU(fc1 h)), or SwiGLU: fc1's output holds [gate; up] (this rank's halves under TP) and
+    fc2 reads silu(gate) · up (Shazeer, 2020)."""
+
+    def __init__(self, fc1: nn.Module, fc2: nn.Module, activation: str = "gelu"):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
+        self.activation = activation
 
     project = staticmethod(_call)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.project(self.fc2, F.gelu(self.project(self.fc1, h), approximate="tanh"))
+        x = self.project(self.fc1, h)
+        if self.activation == "swiglu":
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        else:
+            x = F.gelu(x, approximate="tanh")
+        return self.project(self.fc2, x)
 
 
 class Layer(nn.Module):
-    """Pre-LayerNorm residual block: h + attn(norm1(h)), then + mlp(norm2(·)), with dropout."""
+    """Pre-norm residual block: h + attn(norm1(h)), then + mlp(norm2(·)), with dropout."""
 
-    def __init__(self, hidden_size: int, attn: Attention, mlp: MLP, dropout: float):
+    def __init__(self, hidden_size: int, attn: Attention, mlp: MLP, dropout: float, norm: str = "layernorm",
+                 eps: float = 1e-5):  # fmt: skip
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size)
+        self.norm1 = make_norm(norm, hidden_size, eps)
         self.attn = attn
-        self.norm2 = nn.LayerNorm(hidden_size)
+        self.norm2 = make_norm(norm, hidden_size, eps)
         self.mlp = mlp
         self.dropout = nn.Dropout(dropout)
 
@@ -140,20 +209,22 @@ class Embedding(nn.Module):
 
 
 class OutputHead(nn.Module):
-    """Final LayerNorm and the output layer: fp32 logits with the SUBS-blocked columns at -inf.
+    """Final norm and the output layer: fp32 logits with the SUBS-blocked columns at -inf.
 
-    Never predicting [MASK] is the SUBS parameterization that the NELBO of Eq. 7 assumes."""
+    Never predicting [MASK] is the SUBS parameterization that the NELBO of Eq. 7 assumes. With tied
+    embeddings `output` holds no weight of its own: the caller passes the embedding's."""
 
-    def __init__(self, hidden_size: int, output: nn.Module, blocked_ids: torch.Tensor):
+    def __init__(self, hidden_size: int, output: nn.Module | None, blocked_ids: torch.Tensor, norm: str = "layernorm",
+                 eps: float = 1e-5):  # fmt: skip
         super().__init__()
-        self.norm = nn.LayerNorm(hidden_size)
+        self.norm = make_norm(norm, hidden_size, eps)
         self.output = output
         self.register_buffer("blocked_ids", blocked_ids, persistent=False)
 
-    project = staticmethod(_call)
+    project = staticmethod(_call_output)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.project(self.output, self.norm(h)).float()
+    def forward(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.project(self.output, self.norm(h), weight).float()
         logits[..., self.blocked_ids] = float("-inf")  # a few columns, in place: no vocabulary-sized copy
         return logits
 
@@ -175,12 +246,18 @@ def run_layers(
 class Network(nn.Module):
     """Embedding → layers → output head, with Eq. 6's interface."""
 
-    def __init__(self, embedding: Embedding, rotary: nn.Module, layers: list[Layer], head: OutputHead, vocab_size: int):
+    def __init__(self, embedding: Embedding, rotary: nn.Module, layers: list[Layer], head: OutputHead, vocab_size: int,
+                 tie_embeddings: bool = False):  # fmt: skip
         super().__init__()
         self.embedding, self.rotary = embedding, rotary
         self.layers = nn.ModuleList(layers)
         self.head = head
         self.vocab_size = vocab_size
+        self.tie_embeddings = tie_embeddings
+
+    def output_weight(self) -> torch.Tensor | None:
+        """The weight a tied output layer reads (the embedding's), or None: the head has its own."""
+        return self.embedding.embed.weight if self.tie_embeddings else None
 
     def forward(
         self,
@@ -205,11 +282,11 @@ class Network(nn.Module):
         kv_out = kv if return_kv else None
         if labels is not None:
             return ModelOutput(None, self.labelled_nll(h, labels), kv_out)
-        return ModelOutput(self.full_logits(self.head(h)), None, kv_out)
+        return ModelOutput(self.full_logits(self.head(h, self.output_weight())), None, kv_out)
 
     def labelled_nll(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy [b, n] of labels [b, n] from the last layer's hidden states [n, b, hidden]."""
-        return self.token_nll(self.head(h), labels)
+        return self.token_nll(self.head(h, self.output_weight()), labels)
 
     def token_nll(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy [b, n] of labels [b, n] from logits [n, b, V]."""
@@ -223,22 +300,26 @@ class Network(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_network(model: ModelConfig, vocab_size: int, mask_id: int) -> Network:
+def build_network(model: ModelConfig, vocab_size: int, mask_id: int, autoregressive: bool = False) -> Network:
     """The network on plain torch layers (nn.Linear, nn.Embedding), sized by `model` (preset resolved)
-    for a vocabulary of `vocab_size` ids including the mask token `mask_id`."""
+    for a vocabulary of `vocab_size` ids including the mask token `mask_id` (every row of an imported
+    table: `ModelConfig.vocabulary`). The AR baseline of an imported base predicts the mask row too."""
     m = model.resolved()
-    hidden, ffn = m.hidden_size, m.ffn_hidden_size
+    hidden, rows = m.hidden_size, m.vocabulary(vocab_size)
 
     def layer() -> Layer:
-        attn = Attention(nn.Linear(hidden, 3 * hidden, bias=False), nn.Linear(hidden, hidden, bias=False),
-                         m.head_dim, m.attention_backend)  # fmt: skip
-        return Layer(hidden, attn, MLP(nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)), m.dropout)
+        attn = Attention(nn.Linear(hidden, m.qkv_rows, bias=m.qkv_bias),
+                         nn.Linear(m.num_heads * m.head_dim, hidden, bias=m.out_bias),
+                         m.head_dim, m.attention_backend, m.query_groups, *qk_norms(m))  # fmt: skip
+        mlp = MLP(nn.Linear(hidden, m.fc1_rows, bias=m.mlp_bias), nn.Linear(m.ffn_hidden_size, hidden, bias=m.mlp_bias),
+                  m.mlp)  # fmt: skip
+        return Layer(hidden, attn, mlp, m.dropout, m.norm, m.norm_eps)
 
-    blocked = subs_blocked_ids(0, vocab_size, vocab_size, mask_id)
-    head = OutputHead(hidden, nn.Linear(hidden, vocab_size, bias=False), blocked)
-    rotary = RotaryEmbedding(m.head_dim, m.rotary_base)
+    blocked = subs_blocked_ids(0, rows, rows, m.blocked_mask_id(mask_id, autoregressive))
+    output = None if m.tie_embeddings else nn.Linear(hidden, rows, bias=False)
+    head = OutputHead(hidden, output, blocked, m.norm, m.norm_eps)
     layers = [layer() for _ in range(m.num_layers)]
-    return Network(Embedding(nn.Embedding(vocab_size, hidden)), rotary, layers, head, vocab_size)
+    return Network(Embedding(nn.Embedding(rows, hidden)), rotary_embedding(m), layers, head, rows, m.tie_embeddings)
 
 
 def set_attention_backend(network: nn.Module, backend: str) -> None:

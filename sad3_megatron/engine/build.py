@@ -41,7 +41,8 @@ def build_components(
     init_distributed(device, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     backend = resolve_backend(backend or cfg.model.attention_backend, device)
-    spec = make_spec(cfg.model, tokenizer.vocab_size, tokenizer.mask_id, backend)
+    autoregressive = objective_entry(cfg.diffusion.objective).autoregressive
+    spec = make_spec(cfg.model, tokenizer.vocab_size, tokenizer.mask_id, backend, autoregressive)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every run and every parallel layout
     model = build_model(spec, device, cfg.parallel.sequence_parallel) if with_model else None
     objective = build_objective(cfg.diffusion, cfg.model.seq_len, tokenizer.mask_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from sad3_megatron.core.masks import AttentionMask
+from sad3_megatron.core.model_config import ModelConfig
 from sad3_megatron.core.objectives import Objective
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by substring of torch.cuda.get_device_name().
@@ -32,14 +33,23 @@ def visible_pairs(mask: AttentionMask) -> int:
     return int(mask.dense().sum())
 
 
-def training_flops_per_sequence(num_layers: int, hidden: int, ffn: int, vocab: int, objective: Objective) -> float:
+def layer_matmul_parameters(m: ModelConfig) -> int:
+    """Weights one token multiplies in a layer (resolved config): q/k/v (grouped-query: fewer key and
+    value rows), the output projection, and the MLP (SwiGLU: gate, up and down)."""
+    h = m.hidden_size
+    return h * m.qkv_rows + m.num_heads * m.head_dim * h + h * m.fc1_rows + m.ffn_hidden_size * h
+
+
+def training_flops_per_sequence(model: ModelConfig, vocab: int, objective: Objective) -> float:
     """Forward + backward model FLOPs for one training row under `objective`'s layout: its input length
-    (2L for x_t ⊕ x, L for MDLM / SEDD, L - 1 for AR), its mask and the rows it scores."""
+    (2L for x_t ⊕ x, L for MDLM / SEDD, L - 1 for AR), its mask and the rows it scores. `vocab` is the
+    output layer's rows."""
+    m = model.resolved()
     tokens, outputs = objective.positions.numel(), objective.num_outputs
     pairs = visible_pairs(objective.mask)
-    linear = 2 * tokens * num_layers * (4 * hidden * hidden + 2 * hidden * ffn)
-    attention = 4 * pairs * hidden * num_layers
-    output = 2 * outputs * hidden * vocab
+    linear = 2 * tokens * m.num_layers * layer_matmul_parameters(m)
+    attention = 4 * pairs * m.num_heads * m.head_dim * m.num_layers  # q·k and p·v for every query head
+    output = 2 * outputs * m.hidden_size * vocab
     return 3.0 * (linear + attention + output)
 
 

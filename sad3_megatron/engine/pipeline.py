@@ -7,6 +7,11 @@ the pipeline by the objective's `training_pass`; the stages only need the object
 layout (rotary positions, the block-diffusion mask, how many rows the last layer keeps), plus, for
 rows packed by document, the document labels, which travel with the hidden states.
 
+Tied embeddings (`model.tie_embeddings`) put the embedding on the first and the last stage as
+DeepSpeed's `TiedLayerSpec`: the last stage's copy computes the logits, and the engine sums the
+tied weight's gradients over the two stages after backward (its ReduceTiedGrads step), which is the
+gradient of the one shared matrix.
+
 Why DeepSpeed's engine and not megatron-core's schedules: megatron-core 0.16's pipeline schedules
 and p2p communication allocate on CUDA and fail on CPU, while DeepSpeed's PipelineEngine runs over
 gloo as well as NCCL, so the same pipeline is tested on CPU and run on GPUs. Its limit is that it
@@ -19,15 +24,15 @@ import math
 
 import torch
 import torch.distributed as dist
-from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from sad3_megatron.core.likelihood import BoundEstimate, rows_and_documents
 from sad3_megatron.core.masks import AttentionMask, DocumentMask
+from sad3_megatron.core.network import make_norm, rotary_embedding
 from sad3_megatron.core.objectives import TrainingPass
-from sad3_megatron.core.rotary import RotaryEmbedding
 from sad3_megatron.core.schedules import evaluation_schedule
 from sad3_megatron.model.transformer import (
     Embedding,
@@ -35,8 +40,13 @@ from sad3_megatron.model.transformer import (
     TransformerLayer,
     TransformerSpec,
     init_seed,
+    output_blocked_ids,
+    output_layer,
+    parallel_head,
     shard_nll,
 )
+
+TIED = "embedding"  # the TiedLayerSpec key of a tied embedding
 
 
 def pipeline_batch(objective, batch: TrainingPass, document_ids: torch.Tensor | None) -> tuple:
@@ -66,7 +76,7 @@ class LayerStage(TransformerLayer):
     ):  # fmt: skip
         init_seed(base_seed, 1 + index)
         super().__init__(spec, mp)
-        self.rotary = RotaryEmbedding(spec.model.head_dim, spec.model.rotary_base)
+        self.rotary = rotary_embedding(spec.model)
         self.register_buffer("positions", positions.clone(), persistent=False)
         self.mask, self.keep = mask, keep
 
@@ -87,6 +97,31 @@ class HeadStage(OutputHead):
         return super().forward(inputs[0] if isinstance(inputs, tuple) else inputs)
 
 
+class FinalNormStage(torch.nn.Module):
+    """The output head's norm, on the last stage of a tied model (named `head.norm` in checkpoints)."""
+
+    def __init__(self, spec: TransformerSpec):
+        super().__init__()
+        self.norm = make_norm(spec.model.norm, spec.model.hidden_size, spec.model.norm_eps)
+
+    def forward(self, inputs):
+        return self.norm(inputs[0] if isinstance(inputs, tuple) else inputs)
+
+
+class TiedLogits:
+    """The tied output layer: the last stage's copy of the embedding's rows as a column-parallel linear
+    (no weight of its own), with the SUBS-blocked columns at -inf, as `OutputHead` computes them."""
+
+    def __init__(self, spec: TransformerSpec, mp: ModelParallelConfig):
+        self.output = output_layer(spec, mp)
+        self.blocked = output_blocked_ids(spec)
+
+    def __call__(self, embedding: Embedding, h: torch.Tensor) -> torch.Tensor:
+        logits = parallel_head(self.output, h, embedding.embed.weight).float()
+        logits[..., self.blocked.to(logits.device)] = float("-inf")
+        return logits
+
+
 def pipeline_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Eq. 8 per token on the last stage: weights × vocab-parallel cross-entropy, averaged."""
     labels, weights = targets
@@ -95,12 +130,19 @@ def pipeline_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tenso
 
 def build_pipeline(spec: TransformerSpec, mp: ModelParallelConfig, objective, base_seed: int) -> PipelineModule:
     """The model as a PipelineModule over megatron-core's process groups (same rank layout)."""
-    n = spec.model.num_layers
-    layers = [LayerSpec(EmbeddingStage, spec, mp, base_seed)]
+    n, tied = spec.model.num_layers, spec.model.tie_embeddings
+    first = (TiedLayerSpec(TIED, EmbeddingStage, spec, mp, base_seed, tied_weight_attr="embed.weight") if tied
+             else LayerSpec(EmbeddingStage, spec, mp, base_seed))  # fmt: skip
+    layers = [first]
     for i in range(n):
         keep = objective.num_outputs if i == n - 1 else None
         layers.append(LayerSpec(LayerStage, spec, mp, base_seed, i, objective.positions, objective.mask, keep))
-    layers.append(LayerSpec(HeadStage, spec, mp, base_seed))
+    if tied:
+        layers.append(LayerSpec(FinalNormStage, spec))
+        layers.append(TiedLayerSpec(TIED, EmbeddingStage, spec, mp, base_seed, forward_fn=TiedLogits(spec, mp),
+                                    tied_weight_attr="embed.weight"))  # fmt: skip
+    else:
+        layers.append(LayerSpec(HeadStage, spec, mp, base_seed))
     topology = PipeModelDataParallelTopology(
         num_pp=parallel_state.get_pipeline_model_parallel_world_size(),
         num_mp=parallel_state.get_tensor_model_parallel_world_size(),
@@ -111,7 +153,10 @@ def build_pipeline(spec: TransformerSpec, mp: ModelParallelConfig, objective, ba
 
 
 def canonical_name(name: str, num_layers: int) -> str:
-    """PipelineModule's "{index}.rest" → the SAD3Transformer name the checkpoints use."""
+    """PipelineModule's "{index}.rest" (or "tied_modules.embedding.rest") → the SAD3Transformer name the
+    checkpoints use."""
+    if name.startswith(f"tied_modules.{TIED}."):
+        return f"embedding.{name.removeprefix(f'tied_modules.{TIED}.')}"
     index, rest = name.split(".", 1)
     index = int(index)
     if index == 0:

@@ -66,12 +66,46 @@ def gradient_accumulation(cfg: Config, dp: int) -> int:
     return t.global_batch_size // per_step
 
 
+def _norm_parameters(m, size: int) -> int:
+    return size * (2 if m.norm == "layernorm" else 1)  # LayerNorm has a bias, RMSNorm does not
+
+
+def layer_parameters(m) -> int:
+    """Parameters of one transformer layer of a resolved ModelConfig."""
+    h, q = m.hidden_size, m.num_heads * m.head_dim
+    attention = h * m.qkv_rows + m.qkv_rows * m.qkv_bias + q * h + h * m.out_bias
+    mlp = h * m.fc1_rows + m.ffn_hidden_size * h + (m.fc1_rows + h) * m.mlp_bias
+    norms = 2 * _norm_parameters(m, h) + (2 * _norm_parameters(m, m.head_dim) if m.qk_norm else 0)
+    return attention + mlp + norms
+
+
 def parameter_count(cfg: Config, vocab_size: int) -> int:
-    s = cfg.model.resolved()
-    h, f, n = s.hidden_size, s.ffn_hidden_size, s.num_layers
-    padded = -(-vocab_size // 128) * 128
-    per_layer = 4 * h * h + 2 * h * f + f + h + 4 * h  # qkv + proj, MLP with biases, two LayerNorms
-    return n * per_layer + 2 * padded * h + 2 * h  # + embedding, output layer, final LayerNorm
+    """Parameters of the whole model: the layers, the embedding and output tables (one when tied; rows
+    as the trainer builds them, `ModelConfig.table_rows`) and the final norm."""
+    m = cfg.model.resolved()
+    tables = (1 if m.tie_embeddings else 2) * m.table_rows(vocab_size) * m.hidden_size
+    return m.num_layers * layer_parameters(m) + tables + _norm_parameters(m, m.hidden_size)
+
+
+def activation_bytes_per_token(m, mode: str) -> tuple[float, float]:
+    """(replicated, split by TP) 16-bit bytes per token and hidden unit that one layer keeps for backward
+    (Korthikanti et al., 2022, with a fused attention kernel: no s² term), generalised to grouped-query
+    attention, head_dim ≠ hidden / heads, QK-norm and SwiGLU. The DiT block (MHA, GELU, 4h MLP) gives
+    their 10 + 24/TP; selective checkpointing keeps the matmul and attention outputs and the layer input
+    and mid-layer residual (4 + 16/TP there); full keeps the layer input (2)."""
+    if mode == "full":
+        return 2.0, 0.0
+    q, kv = m.num_heads * m.head_dim / m.hidden_size, m.num_kv_heads * m.head_dim / m.hidden_size
+    f = m.ffn_hidden_size / m.hidden_size
+    qkv_out, attention_out = 2 * (q + 2 * kv), 2 * q
+    fc1_out = 2 * f * (2 if m.mlp == "swiglu" else 1)
+    if mode == "selective":
+        return 4.0, qkv_out + attention_out + fc1_out
+    # Q, K, V and the attention output (input to the projection); the MLP's fc1 output and fc2 input
+    # (SwiGLU: gate and up, silu(gate) and the product); QK-norm's inputs; the norms, the qkv and fc1
+    # inputs and the dropout masks replicated.
+    mlp = fc1_out + 2 * f * (2 if m.mlp == "swiglu" else 1)
+    return 10.0, qkv_out + attention_out + mlp + (2 * (q + kv) if m.qk_norm else 0.0)
 
 
 def make_plan(cfg: Config, world_size: int, vocab_size: int, gpu_memory_gib: float = 80.0) -> Plan:
@@ -129,22 +163,21 @@ def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1, voca
     s = objective.positions.numel()  # rows of the transformer input: 2L for x_t ⊕ x
     b, h, layers = cfg.train.micro_batch_size, sizes.hidden_size, sizes.num_layers
     half_precision = cfg.train.precision != "fp32"
-    # Per layer, bytes kept for backward in 16-bit (Korthikanti et al., 2022, with a fused attention
-    # kernel: no s² term): 34·sbh, of which 24·sbh is split by TP. Sequence parallelism splits the rest.
+    # Per layer, bytes kept for backward in 16-bit (activation_bytes_per_token); sequence parallelism
+    # splits the replicated part too. Full checkpointing keeps each layer's input, plus one layer's
+    # whole working set while it recomputes.
     t = p.tensor_parallel
-    # Selective checkpointing keeps the matmul and attention outputs (qkv 6, attention 2, fc1 8: split by TP)
-    # and the layer input and mid-layer residual (2 + 2: split only by SP), 20·sbh instead of 34·sbh.
-    # Full checkpointing keeps each layer's input, plus one layer's whole working set while it recomputes.
-    replicated, split = {"none": (10, 24), "selective": (4, 16), "full": (2, 0)}[cfg.train.activation_checkpointing]
+    replicated, split = activation_bytes_per_token(sizes, cfg.train.activation_checkpointing)
     bytes_per_sbh = (replicated + split) / t if p.sequence_parallel else replicated + split / t
     per_layer = s * b * h * bytes_per_sbh * (1 if half_precision else 2)
-    recompute = s * b * h * (34 / t if p.sequence_parallel else 10 + 24 / t) if cfg.train.activation_checkpointing == "full" else 0.0
+    whole_r, whole_s = activation_bytes_per_token(sizes, "none")
+    whole = (whole_r + whole_s) / t if p.sequence_parallel else whole_r + whole_s / t
+    recompute = s * b * h * whole if cfg.train.activation_checkpointing == "full" else 0.0
     # 1F1B keeps up to PP micro-batches in flight on the first stage, each over layers/PP layers.
     in_flight = min(p.pipeline_parallel, grad_accum) if p.pipeline_parallel > 1 else 1
     activations = per_layer * layers / p.pipeline_parallel * in_flight + recompute * (1 if half_precision else 2)
     outputs = objective.num_outputs
-    padded_vocab = -(-vocab_size // 128) * 128
-    logits = b * outputs * padded_vocab / t * (4 + 4)  # fp32 logits, and the softmax the loss keeps
+    logits = b * outputs * sizes.table_rows(vocab_size, t) / t * (4 + 4)  # fp32 logits, and the softmax the loss keeps
     return {
         "weights": weights / GIB,
         "grads": grads / GIB,
@@ -159,7 +192,9 @@ def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1, voca
 def describe_plan(cfg: Config, world_size: int) -> list[str]:
     """`sad3 train --dry-run`: the run in one line, then the plan's lines."""
     from sad3_megatron.data.tokenizers import load_tokenizer
+    from sad3_megatron.engine.hf_import import apply_init_architecture
 
+    cfg = apply_init_architecture(cfg)  # a run that starts from a checkpoint has its architecture
     plan = make_plan(cfg, world_size, load_tokenizer(cfg.data.tokenizer).vocab_size)
     fp8 = " + fp8 GEMMs" if cfg.train.fp8 else ""
     head = (

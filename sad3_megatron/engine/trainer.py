@@ -36,7 +36,6 @@ from sad3_megatron.engine.checkpoint import (
     latest_checkpoint,
     load_ema,
     load_training_state,
-    read_checkpoint,
     read_config,
     read_state,
     remove_partial_saves,
@@ -50,6 +49,7 @@ from sad3_megatron.engine.distributed import data_parallel_info, rank
 from sad3_megatron.engine.ema import EMA
 from sad3_megatron.engine.flops import peak_tflops, training_flops_per_sequence
 from sad3_megatron.engine.guard import GuardedAdamW, StepGuard, injected_fault
+from sad3_megatron.engine.hf_import import apply_init_architecture, load_init_weights
 from sad3_megatron.engine.lr_schedule import lr_multiplier
 from sad3_megatron.engine.metrics import MetricsLog
 from sad3_megatron.engine.mpu import MegatronMPU
@@ -67,7 +67,7 @@ from sad3_megatron.engine.resume import check_same_model, data_state, layout, ro
 from sad3_megatron.engine.run_lock import lock_run, release_run
 from sad3_megatron.engine.schedule_search import ScheduleSearch
 from sad3_megatron.model.activation_checkpointing import apply_activation_checkpointing
-from sad3_megatron.model.build import build_model, model_parallel_config, prepare_sequence_parallel
+from sad3_megatron.model.build import build_model, model_parallel_config, prepare_tensor_parallel
 from sad3_megatron.model.compile import compile_layers
 from sad3_megatron.model.fp8 import enable_fp8, require_fp8
 
@@ -187,19 +187,6 @@ def local_weights(weights: dict[str, torch.Tensor], module: torch.nn.Module, pip
     return shard_tensor_parallel(weights, module)
 
 
-def _load_weights(module: torch.nn.Module, checkpoint: str, zero3: bool, pipeline_layers: int | None) -> None:
-    """Start from another run's consolidated weights (stage 2 of a recipe); optimizer starts fresh."""
-    _, weights, path = read_checkpoint(checkpoint, use_ema=False)
-    gathered = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0) if zero3 else nullcontext()
-    with gathered:
-        missing, unexpected = module.load_state_dict(local_weights(weights, module, pipeline_layers), strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise Sad3Error(
-            f"train.init_from={checkpoint!r} ({path}) does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-
-
 def _micro_batch(corpus, cfg: Config, step: int, slot: int, device: torch.device, row_offset: int = 0):
     """Rows, document ids (None unless packed by document) and noise generator of one micro-batch
     slot of one step: pure functions of (seed, step, slot), hence exact on resume. `row_offset`
@@ -253,6 +240,7 @@ class Trainer:
     `client_state`: step, tokens, EMA, skipped-step counters and the noise schedule (β, ω)."""
 
     def __init__(self, cfg: Config):
+        cfg = apply_init_architecture(cfg)  # a run that starts from a checkpoint takes its architecture
         self.cfg, t = cfg, cfg.train
         self.run_dir = Path(cfg.run.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -284,7 +272,11 @@ class Trainer:
         self.global_batch = t.micro_batch_size * t.grad_accum_steps * self.dp_size
         self.row_offset = 0  # nonzero after a resume with another global batch
         if t.init_from and self.resume_from is None:
-            _load_weights(self.engine.module, t.init_from, self.zero3, self.pipeline_layers)
+            load_init_weights(self.engine.module, t.init_from, self.spec.model, self.spec.padded_vocab_size, self.zero3,
+                              self.pipeline_layers)  # fmt: skip
+            refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+            if refresh is not None:  # ZeRO keeps fp32 master copies made at initialize: take the loaded weights
+                refresh()
         self.ema = EMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -298,8 +290,7 @@ class Trainer:
         if self.pipelined:
             model = build_pipeline(spec, model_parallel_config(sequence_parallel), self.objective, cfg.run.seed)
             model = model.to(self.device)
-            if sequence_parallel:
-                prepare_sequence_parallel(model)
+            prepare_tensor_parallel(model, sequence_parallel)
         else:
             # Under ZeRO-3 each layer's weights are partitioned as soon as it is built: no rank ever
             # holds the whole model, which is what lets the largest presets start at all. Partitioned
@@ -592,10 +583,7 @@ class Trainer:
         self.log = MetricsLog(
             self.run_dir / "metrics.jsonl", t.steps, self.start_step, self.is_main, t.progress_bar, t.wandb, cfg
         )
-        self.step_flops = self.global_batch * training_flops_per_sequence(
-            spec.model.num_layers, spec.model.hidden_size, spec.model.ffn_hidden_size, spec.padded_vocab_size,
-            self.objective,
-        )  # fmt: skip
+        self.step_flops = self.global_batch * training_flops_per_sequence(spec.model, spec.padded_vocab_size, self.objective)
         self.peak = peak_tflops(self.device, t.peak_tflops)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.started = time.perf_counter()

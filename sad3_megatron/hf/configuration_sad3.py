@@ -4,7 +4,12 @@ The source of truth is `training_config`, the full sad3 config the model was tra
 `model` section is the network's shape (`ModelConfig`) and its `diffusion` section the objective and
 noise (`DiffusionConfig`), read back by `model_config()` / `diffusion_config()`. The standard names
 that tools read (hidden_size, num_hidden_layers, max_position_embeddings = L, block_size, ...) are
-derived from those two sections by `standard_fields`, one table each way, and checked on load.
+derived from those two sections by `standard_fields` (the model's through `MODEL_NAMES`, the one table
+of transformers names, in families.py), and checked on load.
+
+`SdarConfig` reads the other layout sad3 exports (`sad3 export --format sdar`): the config.json of
+the SDAR checkpoints that SGLang, lmdeploy and JetEngine serve (model_type "sdar", Qwen3's fields plus
+`block_size` and `mask_token_id`), mapping Qwen3's fields to `ModelConfig` by families.py's reader.
 """
 
 from __future__ import annotations
@@ -15,19 +20,10 @@ from transformers import PreTrainedConfig
 
 from ..core.diffusion_config import DiffusionConfig
 from ..core.errors import Sad3Error
-from ..core.model_config import ModelConfig, from_dict
+from ..core.model_config import CUSTOM, ModelConfig, from_dict
 from ..core.registry import objective_entry
+from .families import MODEL_NAMES, read_architecture
 
-# sad3 field -> the name transformers' configs use for it (written for tools, never read back).
-MODEL_NAMES = {
-    "hidden_size": "hidden_size",
-    "num_layers": "num_hidden_layers",
-    "num_heads": "num_attention_heads",
-    "ffn_hidden_size": "intermediate_size",
-    "seq_len": "max_position_embeddings",
-    "rotary_base": "rope_theta",
-    "dropout": "hidden_dropout",
-}
 DIFFUSION_NAMES = {
     "objective": "objective",
     "block_size": "block_size",
@@ -56,6 +52,8 @@ class Sad3Config(PreTrainedConfig):
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
+    num_key_value_heads: int | None = None  # None: an export written before the field existed
+    head_dim: int | None = None
     intermediate_size: int = 3072
     max_position_embeddings: int = 1024  # L, the training context
     rope_theta: float = 10000.0
@@ -90,7 +88,8 @@ class Sad3Config(PreTrainedConfig):
     def check_standard_fields(self) -> None:
         """Refuse a config.json whose standard fields were edited away from its training_config."""
         expected = standard_fields(self.model_config(), self.diffusion_config())
-        wrong = {k: (getattr(self, k), v) for k, v in expected.items() if getattr(self, k) != v}
+        wrong = {k: (getattr(self, k, None), v) for k, v in expected.items()
+                 if getattr(self, k, None) is not None and getattr(self, k) != v}  # None: older than the field
         if wrong:
             name, (found, want) = next(iter(wrong.items()))
             raise Sad3Error(
@@ -99,4 +98,25 @@ class Sad3Config(PreTrainedConfig):
             )
 
 
-__all__ = ["Sad3Config", "standard_fields"]
+class SdarConfig(PreTrainedConfig):
+    """The config.json of an SDAR-format export: Qwen3's fields, `block_size` (L') and `mask_token_id`
+    (JetAstra/SDAR's layout), read as a sad3 block-diffusion model (objective sad3, no token shift)."""
+
+    model_type = "sdar"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    objective = "sad3"
+    weights = "ema"
+
+    def model_config(self) -> ModelConfig:
+        raw = self.to_dict()
+        arch = read_architecture(raw, family="qwen3")
+        return ModelConfig(preset=CUSTOM, **arch, seq_len=raw["max_position_embeddings"], dropout=0.0).resolved()
+
+    def diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig(objective="sad3", block_size=self.block_size)
+
+    def check_standard_fields(self) -> None:
+        """Nothing is derived: the fields are the model's."""
+
+
+__all__ = ["MODEL_NAMES", "Sad3Config", "SdarConfig", "standard_fields"]

@@ -1,5 +1,6 @@
 """transformers classes of an exported SAD3-LM: `Sad3ForMaskedLM` (block diffusion, any L') and
-`Sad3ForCausalLM` (the AR baseline, driven by transformers' own `generate()`).
+`Sad3ForCausalLM` (the AR baseline, driven by transformers' own `generate()`), and `SdarForCausalLM`,
+the block-diffusion model of an SDAR-format export (Qwen3's tensor names, read through families.py).
 
 Both wrap the `Network` of `core/network.py`, the module the trainer runs (on megatron-core layers
 there, on nn.Linear / nn.Embedding here), so an export computes what the trainer computed; the
@@ -38,22 +39,30 @@ from ..core.generate import GenerationResult, SamplingConfig, generate
 from ..core.kv_cache import KV
 from ..core.likelihood import estimate_bound
 from ..core.masks import AttentionMask
-from ..core.network import Network, build_network, copy_unmasked, subs_blocked_ids
+from ..core.network import Network, build_network, copy_unmasked, rotary_embedding, subs_blocked_ids
 from ..core.registry import build_objective, objective_entry
-from ..core.rotary import RotaryEmbedding
 from ..core.schedules import evaluation_schedule
-from .configuration_sad3 import Sad3Config
-
-WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+from .configuration_sad3 import Sad3Config, SdarConfig
+from .families import (
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    SafetensorsDir,
+    check_source,
+    check_tensors,
+    read_rows,
+    tensor_plan,
+)
 
 
 def network_of(config: Sad3Config) -> Network:
     """The network of `core/network.py` on plain torch layers, as `config` sizes it (module names as in training)."""
-    return build_network(config.model_config(), config.vocab_size, config.mask_token_id)
+    autoregressive = objective_entry(config.objective).autoregressive
+    return build_network(config.model_config(), config.vocab_size, config.mask_token_id, autoregressive)
 
 
 def _blocked_ids(config: Sad3Config) -> torch.Tensor:
-    return subs_blocked_ids(0, config.vocab_size, config.vocab_size, config.mask_token_id)
+    model, autoregressive = config.model_config(), objective_entry(config.objective).autoregressive
+    return subs_blocked_ids(0, config.vocab_size, config.vocab_size, model.blocked_mask_id(config.mask_token_id, autoregressive))
 
 
 def expected_shapes(config: Sad3Config) -> dict[str, tuple[int, ...]]:
@@ -61,18 +70,6 @@ def expected_shapes(config: Sad3Config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         network = network_of(config)
     return {f"model.{k}": tuple(v.shape) for k, v in network.state_dict().items()}
-
-
-def check_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
-    """Refuse missing, unexpected or mis-shaped tensors, naming them (never a random-initialised weight)."""
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    shaped = [f"{k} {list(found[k])} (expected {list(expected[k])})" for k in sorted(set(found) & set(expected))
-              if tuple(found[k]) != tuple(expected[k])]  # fmt: skip
-    problems = [f"{label}: {', '.join(names[:5])}{' …' if len(names) > 5 else ''}"
-                for label, names in (("missing", missing), ("unexpected", extra), ("mis-shaped", shaped)) if names]  # fmt: skip
-    if problems:
-        raise Sad3Error(f"{where} does not match its config.json ({'; '.join(problems)}): export the checkpoint again")
 
 
 def stored_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -160,15 +157,14 @@ class Sad3PreTrainedModel(PreTrainedModel):
         """Recompute the non-persistent buffers (rotary frequencies, SUBS-blocked ids), which a load
         that builds the model on the meta device leaves uninitialised."""
         device = self.model.embedding.embed.weight.device
-        model = self.config.model_config()
-        self.model.rotary.inv_freq = RotaryEmbedding(model.head_dim, model.rotary_base).inv_freq.to(device)
+        self.model.rotary.inv_freq = rotary_embedding(self.config.model_config()).inv_freq.to(device)
         self.model.head.blocked_ids = _blocked_ids(self.config).to(device)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embedding.embed
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.model.head.output
+        return self.model.embedding.embed if self.model.tie_embeddings else self.model.head.output
 
     def _run(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, sad3_mask, num_outputs, block):
         """Eq. 6 in transformers' conventions: (logits [b, n, V], the updated cache or None)."""
@@ -287,4 +283,32 @@ class Sad3ForCausalLM(Sad3PreTrainedModel, GenerationMixin):
         return output.to_tuple() if return_dict is False else output
 
 
-__all__ = ["Sad3ForCausalLM", "Sad3ForMaskedLM", "Sad3PreTrainedModel", "expected_shapes", "network_of"]
+class SdarForCausalLM(Sad3ForMaskedLM):
+    """A SAD3-LM exported in SDAR's layout (`sad3 export --format sdar`): Qwen3's config and tensor names,
+    `block_size` L' and `mask_token_id`. The same network and methods as `Sad3ForMaskedLM` (SDAR's
+    training mask is sad3's, without token shift); the weights are read by families.py's pieces."""
+
+    config_class = SdarConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config: SdarConfig | None = None, dtype=None, **kwargs):
+        """Build on the meta device and load Qwen3's tensors into sad3's modules, every one checked by
+        name and shape (local directories only)."""
+        path = str(pretrained_model_name_or_path)
+        config = config if isinstance(config, SdarConfig) else SdarConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = cls(config)
+        source, m = SafetensorsDir(path), config.model_config()
+        plan = tensor_plan(m, config.vocab_size, config.vocab_size)
+        expected = expected_shapes(config)
+        check_source(source, m, config.vocab_size, f"the SDAR export {path!r}")
+        state = {name: read_rows(source, pieces) for name, pieces in plan.items()}
+        check_tensors({f"model.{k}": tuple(v.shape) for k, v in state.items()}, expected, f"the SDAR export {path!r}")
+        model.model.load_state_dict({k: v.to(dtype or torch.float32) for k, v in state.items()}, strict=True, assign=True)
+        model.restore_buffers()
+        if os.path.isfile(os.path.join(path, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return model.eval()
+
+
+__all__ = ["Sad3ForCausalLM", "Sad3ForMaskedLM", "Sad3PreTrainedModel", "SdarForCausalLM", "expected_shapes", "network_of"]

@@ -37,11 +37,9 @@ def first_rows(h: torch.Tensor, n: int, sequence_parallel: bool) -> torch.Tensor
     return tensor_parallel.scatter_to_sequence_parallel_region(whole[:n])
 
 
-def sum_sequence_parallel_grads(model: nn.Module) -> int:
-    """Sum over the TP group the gradients of parameters that are replicated across TP ranks but see only
-    this rank's sequence slice: the norms and the row-parallel biases. A hook on each parameter
-    does it inside backward, so gradient accumulation and ZeRO see finished gradients.
-    Returns how many parameters are hooked."""
+def sum_grads_over_tensor_parallel(params: list[nn.Parameter]) -> int:
+    """Hook each parameter so that its gradient is summed over the TP group inside backward (gradient
+    accumulation and ZeRO then see finished gradients). Returns how many parameters are hooked."""
     group = parallel_state.get_tensor_model_parallel_group()
 
     def all_reduce(grad: torch.Tensor) -> torch.Tensor:
@@ -49,9 +47,21 @@ def sum_sequence_parallel_grads(model: nn.Module) -> int:
         dist.all_reduce(grad, group=group)
         return grad
 
-    hooked = 0
-    for p in model.parameters():
-        if p.requires_grad and not getattr(p, "tensor_model_parallel", False):
-            p.register_hook(all_reduce)
-            hooked += 1
-    return hooked
+    for p in params:
+        p.register_hook(all_reduce)
+    return len(params)
+
+
+def sum_sequence_parallel_grads(model: nn.Module) -> int:
+    """Sum over the TP group the gradients of parameters that are replicated across TP ranks but see only
+    this rank's sequence slice: the norms and the row-parallel biases (and QK-norm's weights, which see
+    only this rank's heads). Returns how many parameters are hooked."""
+    replicated = [p for p in model.parameters() if p.requires_grad and not getattr(p, "tensor_model_parallel", False)]
+    return sum_grads_over_tensor_parallel(replicated)
+
+
+def sum_head_sharded_grads(model: nn.Module) -> int:
+    """Without sequence parallelism: sum over the TP group the gradients of the parameters applied to
+    this rank's heads only (QK-norm's weights, shared by all heads), as megatron-core does for its
+    q/k layernorms. Returns how many parameters are hooked."""
+    return sum_grads_over_tensor_parallel([p for p in model.parameters() if getattr(p, "sums_over_heads", False)])
