@@ -27,6 +27,10 @@ COMMON = [
     "configs/demo.yaml", "train.global_batch_size=8", "train.steps=4", "train.save_interval=2",
     "train.keep_last=2", "train.ema_decay=0.5", "train.eval_batches=1",
 ]  # fmt: skip
+MODERN = [  # Qwen3-style: tied embeddings, grouped-query attention, strided SwiGLU fc1, QK-norm, qkv bias
+    "model.norm=rmsnorm", "model.mlp=swiglu", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=8",
+    "model.qk_norm=true", "model.tie_embeddings=true", "model.mlp_bias=false", "model.qkv_bias=true",
+]  # fmt: skip
 LAYOUTS = {  # name: (processes, overrides)
     "zero0": (1, []),
     "zero1-dp1": (1, ["parallel.zero_stage=1"]),
@@ -37,6 +41,8 @@ LAYOUTS = {  # name: (processes, overrides)
     "tp2": (2, ["parallel.tensor_parallel=2"]),
     "tp2-sp": (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pipeline_parallel=2", "parallel.zero_stage=1"]),
+    "modern-tp2-sp": (2, [*MODERN, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
+    "modern-pp2": (2, [*MODERN, "parallel.pipeline_parallel=2", "parallel.zero_stage=1"]),
 }
 SWITCHES = [  # (uninterrupted run on the original layout, layout resumed on at step 2)
     ("zero1-dp2", "zero1-dp1"),  # the issue's first failure: ZeRO-1 DP 2 resumed in one process
@@ -47,6 +53,7 @@ SWITCHES = [  # (uninterrupted run on the original layout, layout resumed on at 
     ("tp2", "zero0"),  # the issue's second failure: TP 2 resumed at TP 1
     ("zero0", "tp2-sp"),
     ("pp2", "zero1-dp1"),
+    ("modern-tp2-sp", "modern-pp2"),  # tied table split by vocabulary, then as two pipeline stages' copies
 ]
 
 
