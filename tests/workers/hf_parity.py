@@ -113,6 +113,10 @@ def main() -> int:
         problems = compare(layout, directory)
         failed |= bool(problems)
         print(f"hf parity {'ok' if not problems else 'FAILED'} {layout} {directory} {'; '.join(problems)}", flush=True)
+    if dist.is_initialized():  # tear gloo down before the interpreter does: its threads may abort an unclean exit
+        dist.barrier()
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
     return 1 if failed else 0
 
 
