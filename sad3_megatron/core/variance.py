@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .objectives import BlockDiffusionObjective, token_weights
+from .objectives import BlockDiffusionObjective
 from .schedules import NoiseSchedule
 
 
@@ -64,10 +64,10 @@ def block_losses(
     schedule: NoiseSchedule | None = None,
     document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[b, B]: each block's mean Eq. 8 term (weight × -log p over its L' positions) for one noise draw."""
+    """[b, B]: each block's mean Eq. 8 term (weight × -log p over its L' positions) for one noise draw,
+    with the objective's own weights and estimator (averaged over a complementary pair, if it has one)."""
     noised = objective.noise(x, generator, schedule)
-    nll = objective.token_nll(model, x, noised, document_ids)
-    terms = token_weights(noised) * nll
+    terms = objective.diffusion_terms(model, x, noised, document_ids)
     return terms.view(x.shape[0], -1, objective.block_size).mean(-1)
 
 
