@@ -211,9 +211,11 @@ class Sad3PreTrainedModel(PreTrainedModel):
             prompt = [self.config.bos_token_id]
         else:
             prompt = input_ids.reshape(-1).tolist() if torch.is_tensor(input_ids) else [int(i) for i in input_ids]
+        diffusion = self.config.diffusion_config()  # sampled as trained: token shift, clean attention
         return generate(self.model, config, seq_len=self.config.max_position_embeddings,
                         mask_id=self.config.mask_token_id, eos_id=self.config.eos_token_id, prompt=prompt,
-                        objective=self.config.objective)  # fmt: skip
+                        objective=self.config.objective, shift=diffusion.shift,
+                        clean_attention=diffusion.clean_attention)  # fmt: skip
 
     @torch.no_grad()
     def nelbo(self, input_ids: torch.Tensor, block_size: int | None = None, draws: int = 1, seed: int = 0) -> dict:
