@@ -40,7 +40,7 @@ def training_flops_per_sequence(num_layers: int, hidden: int, ffn: int, vocab: i
     linear = 2 * tokens * num_layers * (4 * hidden * hidden + 2 * hidden * ffn)
     attention = 4 * pairs * hidden * num_layers
     output = 2 * outputs * hidden * vocab
-    return 3.0 * (linear + attention + output)
+    return 3.0 * (linear + attention + output) * getattr(objective, "copies", 1)  # complementary masks: 2 rows
 
 
 def peak_tflops(device: torch.device, override: float = 0.0) -> float | None:

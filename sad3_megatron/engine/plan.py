@@ -127,7 +127,7 @@ def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1, voca
     sizes = m.resolved()
     objective = build_objective(cfg.diffusion, m.seq_len, mask_id=0)  # only its layout is read
     s = objective.positions.numel()  # rows of the transformer input: 2L for x_t ⊕ x
-    b, h, layers = cfg.train.micro_batch_size, sizes.hidden_size, sizes.num_layers
+    b, h, layers = cfg.train.micro_batch_size * objective.copies, sizes.hidden_size, sizes.num_layers
     half_precision = cfg.train.precision != "fp32"
     # Per layer, bytes kept for backward in 16-bit (Korthikanti et al., 2022, with a fused attention
     # kernel: no s² term): 34·sbh, of which 24·sbh is split by TP. Sequence parallelism splits the rest.
