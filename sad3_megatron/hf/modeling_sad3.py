@@ -251,12 +251,14 @@ class Sad3ForMaskedLM(Sad3PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> Sad3MaskedLMOutput | tuple:
-        """Logits [b, n, V] of the first `num_outputs` inputs (all by default), SUBS-parameterized;
+        """Logits [b, n, V] of the first `num_outputs` inputs (all by default), SUBS-parameterized (a
+        `diffusion.shift` model's row i predicts token i + 1 and is returned as it is);
         with `use_cache=True` the returned cache holds the past plus this call's keys/values (do
         that for clean tokens only). `labels` (-100 = ignored) give the mean cross-entropy as `loss`."""
         logits, cache = self._run(input_ids, attention_mask, position_ids, past_key_values, bool(use_cache),
                                   sad3_mask, num_outputs, self.config.block_size)  # fmt: skip
-        logits = copy_unmasked(logits, input_ids[:, : logits.shape[1]], self.config.mask_token_id)
+        if not self.config.diffusion_config().shift:  # a token-shift model's row i predicts token i + 1
+            logits = copy_unmasked(logits, input_ids[:, : logits.shape[1]], self.config.mask_token_id)
         loss = None
         if labels is not None:
             scored = labels[:, : logits.shape[1]]
