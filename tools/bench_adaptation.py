@@ -3,7 +3,9 @@ recipe's setting against the paper's objective at the same L', and the variance 
 
 A step is forward, backward and an AdamW update of the trainer's model (megatron-core layers at TP = 1) on
 the same rows and noise seeds. Variants are timed interleaved, round after round, and compared by medians,
-so load on a shared machine hits all of them alike. Ratios are against `paper` (every switch off).
+so load on a shared machine hits all of them alike. Ratios are against `paper` (every switch off). On a
+CPU the default is one thread and the process's CPU time (`--clock cpu`): on a machine shared with other
+jobs, wall time measures the neighbours as much as the step; on a GPU, wall time after a synchronize.
 
 The variance rows: the per-sequence NELBO estimate (t ~ U(0, 1], Bernoulli masks, Eq. 7 weights) over
 --draws draws of the noise, one mask per row against the complementary pair; the pair costs two rows, so
@@ -57,14 +59,14 @@ class Variant:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.device, self.times = device, []
 
-    def step(self, x: torch.Tensor, seed: int) -> None:
+    def step(self, x: torch.Tensor, seed: int, clock) -> None:
         synchronize(self.device)
-        start = time.perf_counter()
+        start = clock()
         self.optimizer.zero_grad(set_to_none=True)
         self.objective(self.model, x, torch.Generator().manual_seed(seed)).loss.backward()
         self.optimizer.step()
         synchronize(self.device)
-        self.times.append(time.perf_counter() - start)
+        self.times.append(clock() - start)
 
 
 @torch.no_grad()
@@ -95,9 +97,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--draws", type=int, default=64, help="noise draws for the variance rows")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default=None, help="default: cpu on a CPU, wall on a GPU")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clock_name = args.clock or ("wall" if device.type == "cuda" else "cpu")
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     init_distributed(device)
     mask_id = args.vocab_size - 1
     variants = [Variant(name, args, device, mask_id) for name in args.variants.split(",")]
@@ -105,15 +113,16 @@ def main() -> None:
     x = x.to(device)
     for i in range(args.warmup):
         for v in variants:
-            v.step(x, seed=i)
+            v.step(x, seed=i, clock=clock)
     for v in variants:
         v.times.clear()
     for r in range(args.rounds):
         for v in variants:
-            v.step(x, seed=1000 + r)
+            v.step(x, seed=1000 + r, clock=clock)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device={name} torch={torch.__version__} preset={args.preset} L={args.seq_len} L'={args.block_size} "
-          f"batch={args.batch_size} rounds={args.rounds} (medians, interleaved)")  # fmt: skip
+          f"batch={args.batch_size} rounds={args.rounds} clock={clock_name} threads={torch.get_num_threads()} "
+          "(medians, interleaved)")  # fmt: skip
     base = statistics.median(variants[0].times)
     for v in variants:
         t = statistics.median(v.times)
