@@ -115,6 +115,8 @@ class Reproduction:
             "train.resume=auto",
         ]
         self._sad3(["train", self.args.config, *overrides])
+        if (run_dir / "preempted").exists():  # a signal stopped it at a checkpoint: this stage is not done
+            raise SystemExit(f"reproduce: training {run_dir} was stopped by a signal; run the same command again to resume")
         return {"run_dir": str(run_dir), "overrides": overrides}
 
     def evaluate(self, model: Model, *extra: str) -> dict:
