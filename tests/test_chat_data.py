@@ -117,3 +117,32 @@ def test_chat_corpus_feeds_the_scored_mask_to_training_rows(chat_tokenizer, tmp_
     assert batch.scored is not None and batch.document_ids is not None
     assert batch.scored.any() and not batch.scored.all() and not batch.scored[:, 0].any()
     assert corpus.stats.skipped["malformed_lines"] == 1 and f"{path}:41" in corpus.stats.skipped["lines"][0]
+
+
+def test_sample_chat_renders_the_prompt_as_a_user_message(chat_tokenizer, tmp_path):
+    """`sad3 sample --chat --prompt TEXT` continues [BOS] + the template's rendering of one user message with
+    its generation prompt (an untrained tiny model with the chat tokenizer)."""
+    import contextlib
+    import io
+
+    import torch
+    from safetensors.torch import save_file
+
+    from sad3_megatron.cli import main
+    from sad3_megatron.config import load_config, save_config
+    from sad3_megatron.engine.build import build_components
+
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2", "model.ffn_hidden_size=64",
+        "model.seq_len=32", "diffusion.shift=true", f"data.tokenizer={chat_tokenizer.name}"])  # fmt: skip
+    parts = build_components(cfg, torch.device("cpu"), "sdpa")
+    save_file({k: v.contiguous() for k, v in parts.model.state_dict().items() if torch.is_tensor(v)},
+              str(tmp_path / "model.safetensors"))  # fmt: skip
+    save_config(cfg, tmp_path / "config.yaml")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["sample", str(tmp_path), "--chat", "--prompt", "Who is Emma?", "--num-tokens", "8",
+                     "--steps", "2", "--json"]) == 0  # fmt: skip
+    result = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert result["prompt_tokens"] == len(chat_prompt(chat_tokenizer, "Who is Emma?"))
+    assert result["samples"][0]["length"] == 8
