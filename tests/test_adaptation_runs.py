@@ -194,6 +194,13 @@ def test_a_block_size_curriculum_restarts_the_search_at_each_stage(tmp_path, ar_
     assert (started.diffusion.beta, started.diffusion.omega) == (0.45, 0.95)
 
 
+def test_resuming_a_run_at_another_block_size_is_refused(tmp_path):
+    """A new L' is a new stage: its schedule-search state and clipped range belong to the old L'."""
+    run(tmp_path / "run", "train.steps=1")
+    with pytest.raises(Sad3Error, match="a new L' is a new stage"):
+        run(tmp_path / "run", "train.steps=2", "diffusion.block_size=8")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

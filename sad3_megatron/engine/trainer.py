@@ -35,6 +35,7 @@ from sad3_megatron.engine.checkpoint import (
     load_ema,
     load_training_state,
     read_checkpoint,
+    read_config,
     require_intact,
     resume_checkpoint,
     save_checkpoint,
@@ -315,6 +316,12 @@ class Trainer:
         )  # fmt: skip
 
     def _restore(self, checkpoint: Path) -> None:
+        saved = read_config(checkpoint).diffusion.block_size
+        if saved != self.cfg.diffusion.block_size:  # the search state and schedule belong to the saved L'
+            raise Sad3Error(
+                f"{checkpoint} trained L'={saved}, the config says diffusion.block_size={self.cfg.diffusion.block_size}: "
+                "a new L' is a new stage (train.init_from, a new run.out_dir; launchers/adapt.sh), not a resume"
+            )
         state = load_training_state(self.engine, checkpoint)
         self.start_step, self.tokens_seen = state["step"], state["tokens"]
         self.skipped_steps = state.get("skipped_steps", 0)
