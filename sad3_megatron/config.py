@@ -33,6 +33,9 @@ class DataConfig:
     val_fraction: float = 0.02  # train_files: the last fraction of each file's paragraphs is held out
     min_val_sequences: int = 8
     recipe: str = ""  # a data recipe YAML (configs/data/*.yaml) or a prepared directory; replaces train_files
+    # Chat / instruction data (data/chat.py): JSONL lines {"messages": [{"role", "content"}, ...]} rendered with
+    # the tokenizer's chat template; prompts clean and unscored, answers noised and scored. Replaces train_files.
+    chat_files: list[str] = field(default_factory=list)
     packing: Literal["wrap", "document"] = "wrap"  # wrap: concatenate and wrap (Suppl. F); document: also per-token document ids
     framing: Literal["rows", "documents"] = "rows"  # rows: [BOS] chunk [EOS], EOS after each document (MDLM); documents: [BOS] doc [EOS]
     cache_dir: str = ""  # where data is prepared on the fly ("" = $SAD3_DATA_CACHE or ~/.cache/sad3/data)
@@ -190,6 +193,7 @@ def load_config(
         if not isinstance(raw, dict):
             raise Sad3Error(f"config file {str(path)!r} must hold a mapping of sections")
         stages = raw.pop("stages", None) or {}
+        raw.pop("curriculum", None)  # the order a launcher runs the stages in (stage_sequence)
         for section, values in raw.items():
             if not isinstance(values, dict):
                 raise Sad3Error(f"config section {section!r} in {str(path)!r} must be a mapping")
@@ -208,6 +212,21 @@ def load_config(
         _apply(cfg, *_split_key(dotted), yaml.safe_load(text) if text else None)
     validate(cfg, check_files)
     return cfg
+
+
+def stage_sequence(path: str | os.PathLike) -> list[str]:
+    """The stages of a config in the order they run one after another (a curriculum, e.g. LLaDA2's block
+    sizes 1 -> 4 -> 32 -> 64 -> L -> 32): its `curriculum:` list, else the order of `stages:`. Each stage is
+    its own run, initialised from the previous stage's weights (launchers/adapt.sh)."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    stages = raw.get("stages") or {}
+    order = raw.get("curriculum") or list(stages)
+    if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
+        raise Sad3Error(f"curriculum in {str(path)!r} must be a list of stage names")
+    unknown = [name for name in order if name not in stages]
+    if unknown:
+        raise Sad3Error(f"curriculum in {str(path)!r} names {unknown[0]!r}, which is not under stages: ({', '.join(stages)})")
+    return order
 
 
 def _split_key(dotted: str) -> tuple[str, str]:
@@ -249,7 +268,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _validate_data(cfg)
     _validate_parallel(cfg)
     _validate_shapes(cfg)
-    if check_files and cfg.data.recipe:
+    if check_files and cfg.data.chat_files:
+        resolve_data_files(cfg.data.chat_files)
+    elif check_files and cfg.data.recipe:
         if not (Path(cfg.data.recipe).expanduser().exists() or (REPO_ROOT / cfg.data.recipe).exists()):
             raise Sad3Error(
                 f"data.recipe={cfg.data.recipe!r} not found: give a recipe YAML (configs/data/*.yaml) or a prepared directory"
@@ -321,6 +342,8 @@ def _validate_diffusion(cfg: Config) -> None:
     d, m, p = cfg.diffusion, cfg.model, cfg.parallel
     if d.objective == "sedd" and d.block_size != m.seq_len:
         raise Sad3Error(f"diffusion.objective=sedd is one block (L' = L): set diffusion.block_size={m.seq_len}")
+    if d.ar_loss_weight and d.block_size == m.seq_len and p.pipeline_parallel > 1:
+        raise Sad3Error("diffusion.ar_loss_weight at L' = L doubles the pass only for the AR term, which pipeline stages cannot drop for the bound: use parallel.pipeline_parallel=1")
     if d.objective == "sedd" and (p.pipeline_parallel > 1 or p.sequence_parallel):
         raise Sad3Error(
             "diffusion.objective=sedd reads full-vocabulary logits: use parallel.pipeline_parallel=1, no sequence_parallel"
@@ -332,6 +355,45 @@ def _validate_diffusion(cfg: Config) -> None:
             f"diffusion.block_size={d.block_size} does not divide model.seq_len={m.seq_len}: pick a divisor of the context length"
         )
     make_schedule(d.schedule, d.beta, d.omega, d.t_floor, d.masking)
+    _validate_adaptation(d)
+
+
+_SWITCHES = (  # (what is on, as the message names it): the adaptation switches of the sad3 objective
+    (lambda d: d.shift, "shift"),
+    (lambda d: d.complementary_masks, "complementary_masks"),
+    (lambda d: d.clean_attention == "causal", "clean_attention=causal"),
+    (lambda d: d.loss_weighting == "uniform", "loss_weighting=uniform"),
+    (lambda d: d.ar_loss_weight != 0.0, "ar_loss_weight"),
+    (lambda d: d.diffusion_loss_weight != 1.0, "diffusion_loss_weight"),
+    (lambda d: d.mask_embedding_noise != 0.0, "mask_embedding_noise"),
+)
+
+
+def adaptation_switches(d: DiffusionConfig) -> str:
+    """The adaptation switches that are on, as `key=value` words ("" when none: the paper's objective)."""
+    on = [name for test, name in _SWITCHES if test(d)]
+    values = {"shift": "shift", "complementary_masks": "complementary_masks",
+              "ar_loss_weight": f"ar_loss_weight={d.ar_loss_weight:g}",
+              "diffusion_loss_weight": f"diffusion_loss_weight={d.diffusion_loss_weight:g}",
+              "mask_embedding_noise": f"mask_embedding_noise={d.mask_embedding_noise:g} over {d.mask_embedding_noise_steps} steps"}  # fmt: skip
+    return ", ".join(values.get(name, name) for name in on)
+
+
+def _validate_adaptation(d: DiffusionConfig) -> None:
+    """The adaptation switches (docs/adaptation.md): settings of the block-diffusion objective only."""
+    on = [name for test, name in _SWITCHES if test(d)]
+    if on and d.objective != "sad3":
+        raise Sad3Error(f"diffusion.{on[0]} is a switch of the block-diffusion objective: use diffusion.objective=sad3 or turn it off")
+    if d.ar_loss_weight < 0 or d.diffusion_loss_weight <= 0:
+        raise Sad3Error(
+            f"diffusion.ar_loss_weight must be >= 0 and diffusion.diffusion_loss_weight > 0 (got {d.ar_loss_weight}, {d.diffusion_loss_weight})"
+        )
+    if d.ar_loss_weight > 0 and d.clean_attention != "causal":
+        raise Sad3Error("diffusion.ar_loss_weight needs diffusion.clean_attention=causal (a block-causal clean row sees the token it would predict)")
+    if d.mask_embedding_noise < 0 or d.mask_embedding_noise_steps < 0:
+        raise Sad3Error("diffusion.mask_embedding_noise and diffusion.mask_embedding_noise_steps must be >= 0")
+    if d.mask_embedding_noise > 0 and d.mask_embedding_noise_steps < 1:
+        raise Sad3Error("diffusion.mask_embedding_noise decays to 0 over diffusion.mask_embedding_noise_steps: set it to at least 1")
 
 
 def _validate_search(cfg: Config) -> None:
@@ -373,6 +435,8 @@ def _validate_train(t: TrainConfig) -> None:
 
 
 def _validate_data(cfg: Config) -> None:
+    if cfg.data.chat_files and cfg.data.recipe:
+        raise Sad3Error("data.chat_files and data.recipe both name the data: keep one")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise Sad3Error(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if cfg.data.framing == "rows" and cfg.model.seq_len < 3:
@@ -405,6 +469,7 @@ def save_config(cfg: Config, path: Path) -> None:
 
 __all__ = [
     "Config",
+    "adaptation_switches",
     "DataConfig",
     "ParallelConfig",
     "RunConfig",
@@ -413,5 +478,6 @@ __all__ = [
     "load_config",
     "resolve_data_files",
     "save_config",
+    "stage_sequence",
     "validate",
 ]

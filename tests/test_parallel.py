@@ -120,6 +120,27 @@ def test_rows_packed_by_document_pass_their_labels_through_pipeline_stages(launc
         assert pipelined[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
 
 
+ADAPTATION = ["diffusion.shift=true", "diffusion.complementary_masks=true", "diffusion.clean_attention=causal",
+              "diffusion.ar_loss_weight=1.0", "diffusion.loss_weighting=uniform", "diffusion.mask_embedding_noise=0.5",
+              "diffusion.mask_embedding_noise_steps=2", "data.packing=document"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout", [["parallel.pipeline_parallel=2", "parallel.zero_stage=1"], ["parallel.tensor_parallel=2"]], ids=["pp2", "tp2"]
+)
+def test_adaptation_switches_match_single_process_in_parallel_layouts(launch, layout, tmp_path):
+    """Every adaptation switch at once (docs/adaptation.md) under PP = 2 (the complementary copy doubles the
+    rows the stages pass, the [MASK] noise is drawn on stage 0) and TP = 2 (the same noise on every rank)."""
+    common = ["train.steps=3", "train.ema_decay=0", "train.grad_accum_steps=2", *ADAPTATION]
+    launch.run_train(tmp_path / "single", common)
+    launch.run_train(tmp_path / "parallel", [*common, *layout], nproc=2)
+    reference, parallel = launch.losses(tmp_path / "single"), launch.losses(tmp_path / "parallel")
+    assert sorted(parallel) == sorted(reference) == [1, 2, 3]
+    for step, loss in reference.items():
+        assert parallel[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+
+
 @pytest.mark.slow
 def test_zero3_keeps_a_partitioned_ema_equal_to_the_single_process_one_and_resumes_it(launch, tmp_path):
     """Under ZeRO-3 each rank averages its own partition; the consolidated EMA, straight or resumed

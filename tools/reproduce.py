@@ -5,11 +5,15 @@ write a markdown report with the paper's numbers beside ours, plus PNG plots.
     python tools/reproduce.py table3 --steps 150             # configs/demo.yaml (tiny, L = 128), CPU minutes
     python tools/reproduce.py table6 --out repro             # reuses table3's runs in the same --out
     python tools/reproduce.py table3 --config configs/lm1b.yaml --steps 0 --set model.preset=small  # GPUs
+    python tools/reproduce.py adaptation --quick             # AR -> block diffusion with each recipe, tiny
+    python tools/reproduce.py adaptation --steps 500 --adapt-steps 250 --out runs/adaptation   # CPU, demo scale
 
 Tables: table1 (AR vs AR + random batch vs L' = 1, Sec. 4.2), table2 (clipped schedules × L',
 PPL and Var. ELBO, Sec. 5.3; Var. ELBO from `sad3 variance` where that command exists), table3
 (AR, SEDD, MDLM, L' = 16, 8, 4, plus the T = 1000 D3PM bound of the MDLM weights), table6 (Gen.
-PPL and NFEs of samples, scored by the AR run of this --out). Everything runs through the `sad3`
+PPL and NFEs of samples, scored by the AR run of this --out), adaptation (docs/adaptation.md: an AR model
+pretrained on the corpus, adapted with each recipe of configs/adapt/ at L' = 4, against a SAD3-LM trained
+from scratch for the same total tokens and the AR model's own NLL). Everything runs through the `sad3`
 commands (train, eval, sample, eval-samples, variance), in process. Each stage writes its result
 file and is skipped when that file exists; an interrupted training resumes from its last
 checkpoint (train.resume=auto), so rerunning the same command picks up where it stopped.
@@ -29,9 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
 from sad3_megatron.cli import main as sad3
+from sad3_megatron.config import stage_sequence
 from sad3_megatron.evaluation.plots import plot_bars, plot_curves, plot_points, read_run
 
 QUICK = [
@@ -109,6 +115,8 @@ class Reproduction:
             "train.resume=auto",
         ]
         self._sad3(["train", self.args.config, *overrides])
+        if (run_dir / "preempted").exists():  # a signal stopped it at a checkpoint: this stage is not done
+            raise SystemExit(f"reproduce: training {run_dir} was stopped by a signal; run the same command again to resume")
         return {"run_dir": str(run_dir), "overrides": overrides}
 
     def evaluate(self, model: Model, *extra: str) -> dict:
@@ -245,6 +253,47 @@ class Reproduction:
                 "command is not available. Paper row L' = 128 is compared with our L' = L.")  # fmt: skip
         return self._section("Table 2: clipped schedules", lines, plots, note, rows)
 
+    def adaptation(self) -> str:
+        """AR pretraining, each recipe of configs/adapt/ from its weights, a SAD3-LM from scratch for the same
+        total steps, then bounds, Gen. PPL under the AR model, NFEs and confident decoding (docs/adaptation.md)."""
+        a = Adaptation(self)
+        stages = sum(len(stage_sequence(recipe)) for recipe in ADAPT_RECIPES.values())
+        diffusion_models = len(ADAPT_RECIPES) + 1  # each: eval, 1 + len(THRESHOLDS) samplings, confidence
+        total = 2 + stages + 2 + diffusion_models * (3 + len(THRESHOLDS))  # + AR's training, eval and sampling
+        bar = tqdm(total=total, desc="adaptation", file=sys.stderr)
+        self.stage(bar, "train AR", a.run_dir("ar") / "reproduce_train.json",
+                   lambda: a.train("ar", [*ADAPT_ARCHITECTURE, "diffusion.objective=ar"]))  # fmt: skip
+        base, base_note = a.base_weights()
+        total = a.ar_steps + a.adapt_steps
+        self.stage(bar, "train scratch", a.run_dir("scratch") / "reproduce_train.json",
+                   lambda: a.train("scratch", [*ADAPT_ARCHITECTURE, f"diffusion.block_size={ADAPT_BLOCK}", f"train.steps={total}"]))  # fmt: skip
+        runs = {"AR": a.run_dir("ar"), f"scratch L'={ADAPT_BLOCK}": a.run_dir("scratch")}
+        for label, recipe in ADAPT_RECIPES.items():
+            runs[label] = a.adapt(bar, label, recipe, base)
+        rows = {}
+        for label, run in runs.items():
+            row = {"run": str(run)}
+            row["eval"] = self.stage(bar, f"eval {label}", run / "eval.json", lambda r=run: self.evaluate_run(r))
+            autoregressive = label == "AR"
+            decoding = [("ancestral", [])] if autoregressive else [("ancestral", ["--steps", "1000"])] + [
+                (f"confident{t}", ["--sampler", "confident", "--threshold", str(t), "--steps", str(ADAPT_BLOCK)])
+                for t in THRESHOLDS]  # fmt: skip
+            for tag, settings in decoding:
+                row[tag] = self.stage(bar, f"sample {label} {tag}", run / f"gen_{tag}.json",
+                                      lambda r=run, t=tag, s=settings: a.sample(r, t, *s))  # fmt: skip
+            if not autoregressive:
+                row["confidence"] = self.stage(bar, f"confidence {label}", run / "confidence.json",
+                                               lambda r=run: a.confidence(r))  # fmt: skip
+            rows[label] = row
+        bar.close()
+        return adaptation_report(self, a, rows, base_note)
+
+    def evaluate_run(self, run: Path) -> dict:
+        argv = ["eval", str(run), "--split", "val", "--draws", str(self.draws), "--json"]
+        if self.max_sequences:
+            argv += ["--max-sequences", str(self.max_sequences)]
+        return _last_json(self._sad3(argv))
+
     def variance(self, model: Model) -> dict:
         try:
             return _last_json(self._sad3(["variance", str(self.run_dir(model)), "--json"]))
@@ -255,6 +304,158 @@ class Reproduction:
         (self.out / f"{title.split(':')[0].lower().replace(' ', '')}.json").write_text(json.dumps(rows, indent=1))
         images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
         return f"## {title}\n\n" + "\n".join(lines) + f"\n\n{note}\n\n{images}\n"
+
+
+ADAPT_RECIPES = {  # label -> recipe (configs/adapt/): its diffusion switches and curriculum, at demo scale
+    "SDAR": "configs/adapt/sdar.yaml",
+    "Fast-dLLM v2": "configs/adapt/fast_dllm_v2.yaml",
+    "Nemotron": "configs/adapt/nemotron.yaml",
+    "LLaDA2 curriculum": "configs/adapt/llada2_curriculum.yaml",
+}
+ADAPT_BLOCK = 4  # every adapted model ends at L' = 4, as the scratch model
+# The AR base and the scratch model: the config's preset as a llama-style decoder (RMSNorm, SwiGLU without
+# biases, grouped-query attention), so the base exports as transformers' own LlamaForCausalLM.
+ADAPT_ARCHITECTURE = ["model.norm=rmsnorm", "model.mlp=swiglu", "model.mlp_bias=false", "model.num_kv_heads=2"]
+THRESHOLDS = (0.9, 0.7, 0.5)  # confident decoding
+
+
+def recipe_stages(path: str, seq_len: int, steps: int) -> list[tuple[str, list[str]]]:
+    """(stage, diffusion overrides) of a recipe at demo scale: its `diffusion:` section and each curriculum
+    stage's diffusion keys, block sizes scaled to L (the recipe's L' = L stays L', others are capped at L),
+    the last stage at L' = ADAPT_BLOCK, `steps` split over the stages, the [MASK] noise's decay scaled alike."""
+    raw = yaml.safe_load(Path(path).read_text())
+    recipe_len, recipe_steps = raw["model"]["seq_len"], raw["train"]["steps"]
+    names = stage_sequence(path)
+    base = {k: v for k, v in raw["diffusion"].items() if k != "schedule_search"}  # the search: see adaptation()
+    out = []
+    for i, name in enumerate(names):
+        keys = {**base, **{k.split(".", 1)[1]: v for k, v in raw["stages"][name].items() if k.startswith("diffusion.")}}
+        block = keys.get("block_size", ADAPT_BLOCK)
+        keys["block_size"] = ADAPT_BLOCK if i == len(names) - 1 else (seq_len if block == recipe_len else min(block, seq_len))
+        stage_steps = steps // len(names) + (steps % len(names) if i == len(names) - 1 else 0)
+        if keys.get("mask_embedding_noise"):
+            keys["mask_embedding_noise_steps"] = max(1, round(stage_steps * keys["mask_embedding_noise_steps"] / recipe_steps))
+        overrides = [f"diffusion.{k}={json.dumps(v)}" for k, v in keys.items()] + [f"train.steps={max(stage_steps, 1)}"]
+        if raw["diffusion"].get("schedule_search", "off") != "off":
+            overrides += [f"diffusion.schedule_search={raw['diffusion']['schedule_search']}", "diffusion.search_batches=4"]
+        out.append((name, overrides))
+    return out
+
+
+class Adaptation:
+    """`tools/reproduce.py adaptation`: the stages, each resumable through Reproduction.stage."""
+
+    def __init__(self, repro: Reproduction):
+        self.repro, self.out, self.args = repro, repro.out, repro.args
+        self.ar_steps = repro._config_value("train", "steps")
+        self.adapt_steps = self.args.adapt_steps or max(1, self.ar_steps // 2)
+        self.samples = 2 if self.args.quick else self.args.samples
+
+    def run_dir(self, name: str) -> Path:
+        return self.out / "runs" / name
+
+    def train(self, name: str, overrides: list[str]) -> dict:
+        return self.repro.train(Model(name, name, [*overrides, f"run.name={name}"]))
+
+    def base_weights(self) -> tuple[str, str]:
+        """What the recipes start from: the AR run exported as transformers' own model (no sad3 code), as a
+        pretrained base is found in the wild."""
+        target = self.out / "ar_transformers"
+        if not (target / "config.json").is_file():
+            self.repro._sad3(["export", str(self.run_dir("ar")), str(target), "--format", "transformers"])
+        return str(target), "the AR run exported by `sad3 export --format transformers` (a LlamaForCausalLM)"
+
+    def adapt(self, bar: tqdm, label: str, recipe: str, base: str) -> Path:
+        stages = recipe_stages(recipe, self.repro.seq_len, self.adapt_steps)
+        init, name = base, ""
+        for stage, overrides in stages:
+            name = f"{Path(recipe).stem}-{stage}"
+            run = self.run_dir(name)
+            start = [f"train.init_from={init}", f"data.tokenizer={base}"]  # the base's tokenizer: the same ids
+            self.repro.stage(bar, f"{label}: {stage}", run / "reproduce_train.json",
+                             lambda o=overrides, n=name, s=start: self.train(n, [*o, *s]))  # fmt: skip
+            init = str(run)
+        return self.run_dir(name)
+
+    def sample(self, run: Path, tag: str, *settings: str) -> dict:
+        path = run / f"samples_{tag}.json"
+        argv = ["sample", str(run), "--batch-size", str(self.samples), "--ignore-eos", "--min-entropy", "0",
+                "--seed", "0", "--out", str(path), "--json", *settings]  # fmt: skip
+        self.repro._sad3(argv)
+        result = _last_json(self.repro._sad3(["eval-samples", str(path), "--evaluator", str(self.run_dir("ar")), "--json"]))
+        result["nfe_per_token"] = result["mean_nfe"] / max(result["mean_length"], 1)
+        return result
+
+    def confidence(self, run: Path) -> dict:
+        """Median top probability of x_θ over fully masked held-out blocks: what confident decoding sees
+        at each block's first step (1 NFE per token unless it often exceeds the threshold)."""
+        return median_top_probability(run, max_sequences=8 if self.args.quick else 64)
+
+
+def median_top_probability(run: Path, max_sequences: int) -> dict:
+    import torch
+
+    from sad3_megatron.core.likelihood import rows_and_documents
+    from sad3_megatron.data.corpus import load_corpus
+    from sad3_megatron.engine.build import load_components
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        parts, _ = load_components(run, backend="sdpa")
+    objective = parts.objective.bound()
+    val = load_corpus(parts.cfg.data, parts.tokenizer, parts.cfg.model.seq_len).val
+    x, _, _ = rows_and_documents(val, 0, min(max_sequences, len(val)), parts.device)
+    x_t = x.clone()
+    x_t[:, 1:] = parts.tokenizer.mask_id  # every block fully masked, given its clean prefix (BOS stays)
+    with torch.no_grad():
+        tokens = torch.cat([x_t, x], dim=1) if objective.doubled else x_t
+        logits = parts.model(tokens, objective.positions, objective.mask, num_outputs=objective.num_outputs).logits
+        top = logits[:, objective.target_rows].softmax(-1).max(-1).values[:, 1:]
+    first = top[:, [i - 1 for i in range(1, top.shape[1] + 1) if i % objective.block_size == 0]]
+    return {"median_top_p": top.median().item(), "median_top_p_block_first": first.median().item() if first.numel() else None}
+
+
+def adaptation_report(repro: Reproduction, a: Adaptation, rows: dict, base_note: str) -> str:
+    """The section: the bound / Gen. PPL / NFE table, confident decoding per threshold, plots, notes."""
+    curves = plot_curves([read_run(Path(r["run"]), label) for label, r in rows.items()],
+                         repro.out / "adaptation_curves.png", "AR pretraining, adaptation and scratch")  # fmt: skip
+    points = {}
+    lines = ["| model | held-out bound (nats/token) | PPL | Gen. PPL (under AR) | NFEs / token | tokens/s | unigram entropy |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, r in rows.items():
+        e, g = r["eval"], r["ancestral"]
+        relation = "=" if e["exact"] else "≤"
+        lines.append(f"| {label} | {e['nelbo_per_token']:.3f} ± {e['std_err']:.3f} | {relation} {e['ppl']:.1f} | "
+                     f"{g['gen_ppl']:.1f} | {g['nfe_per_token']:.2f} | {g['mean_tokens_per_s']:.0f} | "
+                     f"{g['mean_unigram_entropy']:.2f} |")  # fmt: skip
+        points[f"{label} (T=1000)" if label != "AR" else "AR"] = (g["nfe_per_token"], g["gen_ppl"])
+    confident = ["| model | median top p (first / all) | " + " | ".join(
+        f"θ={t}: NFEs/token, tokens/s, Gen. PPL" for t in THRESHOLDS) + " |", "|---|---|" + "---|" * len(THRESHOLDS)]
+    for label, r in rows.items():
+        if label == "AR":
+            g = r["ancestral"]
+            cells = [f"1.00, {g['mean_tokens_per_s']:.0f}, {g['gen_ppl']:.1f} (AR decoding)"] * len(THRESHOLDS)
+            confident.append("| AR | — | " + " | ".join(cells) + " |")
+            continue
+        c = r["confidence"]
+        cells = []
+        for t in THRESHOLDS:
+            g = r[f"confident{t}"]
+            cells.append(f"{g['nfe_per_token']:.2f}, {g['mean_tokens_per_s']:.0f}, {g['gen_ppl']:.1f}")
+            points[f"{label} θ={t}"] = (g["nfe_per_token"], g["gen_ppl"])
+        first = "n/a" if c["median_top_p_block_first"] is None else f"{c['median_top_p_block_first']:.2f}"
+        confident.append(f"| {label} | {first} / {c['median_top_p']:.2f} | " + " | ".join(cells) + " |")
+    plot = plot_points(points, repro.out / "adaptation_gen_ppl_nfe.png", "NFEs per token", "Gen. PPL (under the AR model)",
+                       "Gen. PPL against NFEs per token")  # fmt: skip
+    note = (f"AR: {a.ar_steps} steps; every recipe starts from {base_note} and trains {a.adapt_steps} steps in all "
+            f"(LLaDA2: spread over its curriculum's stages, block sizes scaled to L = {repro.seq_len}); the scratch "
+            f"SAD3-LM trains {a.ar_steps + a.adapt_steps} steps at L' = {ADAPT_BLOCK} (the same total tokens). Recipes "
+            "keep their diffusion switches and curricula; model, data and optimizer are the base config's for every "
+            f"row. Bounds: `sad3 eval --split val` (the true NELBO whatever the training weights; exact for AR). "
+            f"Samples: {a.samples} per setting, L tokens with BOS, no stop rule, scored by the AR run; T = 1000 "
+            "ancestral steps per block (1 NFE per token), confident decoding with at most L' steps per block. "
+            "Median top p: x_θ's largest probability on fully masked held-out blocks (first token of a block / all).")  # fmt: skip
+    sections = "\n".join(lines) + "\n\n### Confident decoding\n\n" + "\n".join(confident)
+    return repro._section("Adaptation: from an AR checkpoint to a SAD3-LM", [sections], [curves, plot], note, rows)
 
 
 def _last_json(text: str) -> dict:
@@ -282,7 +483,7 @@ def _variance_value(result: dict) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tables", nargs="+", choices=["table1", "table2", "table3", "table6"])
+    parser.add_argument("tables", nargs="+", choices=["table1", "table2", "table3", "table6", "adaptation"])
     parser.add_argument("--out", default="runs/reproduce", help="where runs, results, report.md and plots go")
     parser.add_argument("--config", default="configs/demo.yaml", help="base config of every model")
     parser.add_argument("--quick", action="store_true", help="tiny models and a few steps: a CPU smoke run")
@@ -292,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-sequences", type=int, default=0, help="held-out sequences scored (0: all)")
     parser.add_argument("--samples", type=int, default=4, help="table6: samples per model")
     parser.add_argument("--sample-steps", type=int, default=1000, help="table6: T per block")
+    parser.add_argument("--adapt-steps", type=int, default=0, help="adaptation: steps of each recipe (0: half of AR's)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps = args.steps or 4

@@ -16,6 +16,8 @@ def add_commands(sub) -> None:
     p.add_argument("checkpoint", help="a run directory, one of its checkpoints/step_*, or a `sad3 export` directory")
     add_flags(p, SamplingConfig)
     p.add_argument("--prompt", default=None, help="text to continue (default: start from BOS)")
+    p.add_argument("--chat", action="store_true",
+                   help="--prompt is a user message: render it with the tokenizer's chat template and answer it")
     p.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights instead of the EMA weights")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON to this file (input of eval-samples)")
@@ -25,7 +27,7 @@ def add_commands(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from sad3_megatron.evaluation.samples import sample_checkpoint
 
-    result = sample_checkpoint(args.checkpoint, settings(args, SamplingConfig), args.prompt, args.use_ema)
+    result = sample_checkpoint(args.checkpoint, settings(args, SamplingConfig), args.prompt, args.use_ema, args.chat)
     if args.out:
         result.write(args.out)
     still = sum(s.stop_reason == "rejected" for s in result.samples)

@@ -1,4 +1,4 @@
-"""`sad3 train CONFIG [section.key=value ...] [--stage NAME] [--dry-run]`."""
+"""`sad3 train CONFIG [section.key=value ...] [--stage NAME] [--dry-run] [--list-stages]`."""
 
 from __future__ import annotations
 
@@ -16,12 +16,17 @@ def add_commands(sub) -> None:
     p.add_argument("--stage", default=None, help="a stage of the config's `stages:` (e.g. pretrain, finetune)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan (layout, batch, tokens, memory) and exit")
     p.add_argument("--world-size", type=int, default=None, help="world size for --dry-run (default: $WORLD_SIZE or 1)")
+    p.add_argument("--list-stages", action="store_true",
+                   help="print the config's stages in the order they run (its `curriculum:`), one per line, and exit")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sad3_megatron.config import load_config
+    from sad3_megatron.config import load_config, stage_sequence
 
+    if args.list_stages:
+        print("\n".join(stage_sequence(args.config)))
+        return 0
     cfg = load_config(args.config, args.overrides, stage=args.stage)  # validate before the heavy imports
     if args.dry_run:
         from sad3_megatron.engine.plan import describe_plan

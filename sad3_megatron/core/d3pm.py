@@ -17,7 +17,7 @@ import torch
 
 from .errors import Sad3Error
 from .noising import NoisedBatch
-from .objectives import BlockDiffusionObjective
+from .objectives import PAPER, BlockDiffusionObjective, Switches
 from .schedules import NoiseSchedule
 
 
@@ -50,17 +50,22 @@ class DiscreteTimeObjective(BlockDiffusionObjective):
     """The SAR NELBO with T-step D3PM terms per block: Eq. 3 applied to each block of Eq. 5."""
 
     def __init__(self, seq_len: int, block_size: int, schedule: NoiseSchedule, mask_id: int, steps: int,
-                 antithetic: bool = True, clean_prefix: int = 1):  # fmt: skip
+                 antithetic: bool = True, clean_prefix: int = 1, switches: Switches = PAPER):  # fmt: skip
         if steps < 1:
             raise Sad3Error(f"the number of discrete steps T must be at least 1, got {steps}")
         if not schedule.is_full_range or schedule.masking != "bernoulli":
             raise Sad3Error(
                 "the D3PM bound needs t over the whole of (0, 1]: use the evaluation schedule (linear, Bernoulli masks)"
             )
-        super().__init__(seq_len, block_size, schedule, mask_id, antithetic, clean_prefix)
+        if switches.complementary:
+            raise Sad3Error("the D3PM bound has no complementary-mask estimator: score it with one mask per row")
+        super().__init__(seq_len, block_size, schedule, mask_id, antithetic, clean_prefix, switches.for_bound())
         self.steps = steps
 
-    def noise(self, x: torch.Tensor, generator: torch.Generator | None, schedule: NoiseSchedule | None = None
-              ) -> NoisedBatch:  # fmt: skip
+    def bound(self) -> DiscreteTimeObjective:
+        return self
+
+    def noise(self, x: torch.Tensor, generator: torch.Generator | None, schedule: NoiseSchedule | None = None,
+              scored: torch.Tensor | None = None) -> NoisedBatch:  # fmt: skip
         """Eq. 3's grid of times, whatever continuous schedule a caller passes (evaluation passes its own)."""
-        return super().noise(x, generator, DiscreteTimeSchedule(self.schedule, self.steps))
+        return super().noise(x, generator, DiscreteTimeSchedule(self.schedule, self.steps), scored)

@@ -13,6 +13,8 @@ ObjectiveName = Literal["sad3", "ar", "sedd"]
 ScheduleName = Literal["linear", "cosine", "log", "sqrt", "square", "clipped"]
 Masking = Literal["bernoulli", "resample", "count"]
 SearchCriterion = Literal["off", "elbo", "grad"]
+CleanAttention = Literal["block_causal", "causal"]
+LossWeighting = Literal["elbo", "uniform"]
 
 
 @dataclass
@@ -33,3 +35,13 @@ class DiffusionConfig:
     search_batches: int = 100  # held-out micro-batches the search scores (the reference code's 100)
     search_grid: str = "reference"  # reference (widths .5-.9, starts every .05, + (1e-3, 1)) | "B:W,B:W,..."
     search_parameters: str = ""  # grad search: only parameters whose name contains this ("" = all)
+    # The adaptation switches (docs/adaptation.md): each published AR -> block-diffusion recipe is a setting
+    # of these on the one objective (core/objectives.py BlockDiffusionObjective); all off is the paper's.
+    shift: bool = False  # token shift (Fast-dLLM v2): the output at position i-1 predicts token i
+    complementary_masks: bool = False  # each row also scored under the complement of its masks (Fast-dLLM v2)
+    clean_attention: CleanAttention = "block_causal"  # the clean half's mask: M_BC (paper) or token-causal
+    ar_loss_weight: float = 0.0  # next-token cross-entropy on the clean half (clean_attention=causal only)
+    diffusion_loss_weight: float = 1.0  # the diffusion term's weight beside ar_loss_weight (Nemotron: 0.3)
+    loss_weighting: LossWeighting = "elbo"  # elbo: Eq. 7's -α'_t/(1-α_t) (1/t); uniform: 1 (training only)
+    mask_embedding_noise: float = 0.0  # std of Gaussian noise on [MASK]'s input embedding (LLaDA2), training only
+    mask_embedding_noise_steps: int = 0  # optimizer steps over which that std decays linearly to 0

@@ -236,8 +236,11 @@ def generate_blocks(
     eos_id: int | None,
     prompt: list[int],
     logits_hook: LogitsHook | None = None,
+    shift: bool = False,
+    clean_block_size: int | None = None,
 ) -> GenerationResult:
-    """Alg. 2 with the configured within-block sampler, cached or recomputed context."""
+    """Alg. 2 with the configured within-block sampler, cached or recomputed context; `shift` and
+    `clean_block_size` are the trained objective's (block_context.py)."""
     device = next(model.parameters()).device
     block, start_len = config.block_size, len(prompt)
     end = start_len + config.num_tokens
@@ -245,7 +248,8 @@ def generate_blocks(
     tokens = torch.full((config.batch_size, capacity), mask_id, dtype=torch.long, device=device)
     tokens[:, :start_len] = torch.as_tensor(prompt, dtype=torch.long, device=device)
     in_budget = torch.arange(capacity, device=device) < end
-    context = CachedContext(model, block) if config.kv_cache else RecomputeContext(model, block)
+    kind = CachedContext if config.kv_cache else RecomputeContext
+    context = kind(model, block, shift, clean_block_size)
     sampler = make_sampler(config.sampler, config.steps, config.threshold)
     stop = _stop_criteria(config, eos_id)
     generator = torch.Generator().manual_seed(config.seed)
@@ -338,22 +342,29 @@ def generate(
     prompt: list[int],
     objective: str = "sad3",
     logits_hook: LogitsHook | None = None,
+    shift: bool = False,
+    clean_attention: str = "block_causal",
 ) -> GenerationResult:
     """Sample `config.batch_size` sequences from a model trained with `objective` (registry name):
     Alg. 2 for diffusion models, next-token for the AR baseline.
 
     `seq_len` is the training context L, which bounds the context window; samples may be longer,
     and are L - len(prompt) tokens by default. The result carries the settings with every default
-    filled in (`SamplingConfig.for_model`)."""
+    filled in (`SamplingConfig.for_model`). `shift` and `clean_attention` are the model's training
+    switches (DiffusionConfig): sampling reads the context the way training did."""
     autoregressive = objective_entry(objective).autoregressive
     config = config.for_model(objective, seq_len, len(prompt))
     window = config.window_for(seq_len, autoregressive)
     if mask_id in prompt:
         raise Sad3Error("the prompt contains the mask token; it must be clean text")
+    if shift and not autoregressive and (not prompt or window.size == 0):
+        raise Sad3Error("a token-shift model predicts each token from the one before: give a prompt (BOS) and --window > 0")
     if autoregressive:
         draw = partial(generate_autoregressive, model, window=window, eos_id=eos_id, prompt=prompt)
     else:
-        draw = partial(generate_blocks, model, window=window, mask_id=mask_id, eos_id=eos_id, prompt=prompt)
+        clean_block = 1 if clean_attention == "causal" else None
+        draw = partial(generate_blocks, model, window=window, mask_id=mask_id, eos_id=eos_id, prompt=prompt,
+                       shift=shift, clean_block_size=clean_block)  # fmt: skip
     was_training = model.training
     model.eval()
     try:

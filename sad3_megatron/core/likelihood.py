@@ -43,11 +43,14 @@ def held_out_words(nelbo_per_token: float, ppl: float, exact: bool) -> str:
 
 
 def rows_and_documents(sequences, start: int, stop: int, device: torch.device):
-    """Rows [start, stop) as a tensor, with their document ids when the rows were packed by document."""
-    if getattr(sequences, "document_ids", False):
+    """Rows [start, stop) as a tensor, with their document ids when the rows were packed by document
+    and their scored mask when only some tokens are scored (chat rows: the answers), else None."""
+    if getattr(sequences, "document_ids", False) or getattr(sequences, "has_scored", False):
         batch = sequences.batch(np.arange(start, stop))
-        return torch.as_tensor(batch.tokens, device=device), torch.as_tensor(batch.document_ids, device=device)
-    return torch.as_tensor(sequences[start:stop], device=device), None
+        ids = None if batch.document_ids is None else torch.as_tensor(batch.document_ids, device=device)
+        scored = None if getattr(batch, "scored", None) is None else torch.as_tensor(batch.scored, device=device)
+        return torch.as_tensor(batch.tokens, device=device), ids, scored
+    return torch.as_tensor(sequences[start:stop], device=device), None, None
 
 
 @torch.no_grad()
@@ -66,8 +69,12 @@ def estimate_bound(
     """Average the per-token NELBO over `sequences` [n, L] (the first `max_sequences` when given),
     repeated for `draws` independent draws of the noise per block under `schedule` (default
     `evaluation_schedule()`); the spread across draws gives the standard error. The AR baseline, and
-    L' = 1 under `count` masking, are exact: one draw. Rows packed by document keep their document ids."""
+    L' = 1 under `count` masking, are exact: one draw. Rows packed by document keep their document ids.
+
+    Whatever the objective trained with (uniform weights, an AR term), this scores `objective.bound()`:
+    the NELBO of Eq. 7 of the same model function (token shift and clean attention as trained)."""
     count = len(sequences) if not max_sequences else min(max_sequences, len(sequences))
+    objective = objective.bound()
     was_training = model.training
     model.eval()
     autoregressive = objective.autoregressive
@@ -80,9 +87,9 @@ def estimate_bound(
         generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
         total, tokens = 0.0, 0
         for start in range(0, count, batch_size):
-            x, document_ids = rows_and_documents(sequences, start, min(start + batch_size, count), device)
+            x, document_ids, scored = rows_and_documents(sequences, start, min(start + batch_size, count), device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                terms = objective(model, x, generator, schedule=schedule, document_ids=document_ids)
+                terms = objective(model, x, generator, schedule=schedule, document_ids=document_ids, scored=scored)
             total += terms.nll_sum.item()
             tokens += terms.num_tokens
         per_draw.append(total / tokens)

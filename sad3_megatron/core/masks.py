@@ -13,6 +13,10 @@ FlexAttention BlockMask, the KV-cache sampler, the HF export) share this single 
 - the clean stream alone (the naive Alg. 1 reference, and no-cache sampling): the M_BC quadrant;
 - the plain causal mask of the AR baseline: the M_BC quadrant with L' = 1.
 
+`clean_block_size` generalizes M_BC for the adaptation recipes (docs/adaptation.md): the clean half
+attends block-causally over blocks of that size, L' by default (the paper's M_BC) or 1 (a token-causal
+clean half, `diffusion.clean_attention=causal`); the noisy half keeps M_BD and M_OBC over blocks of L'.
+
 This module is pure torch: no DeepSpeed, no megatron.
 """
 
@@ -26,15 +30,20 @@ import torch
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def block_diffusion_visible(q_idx: torch.Tensor, kv_idx: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
-    """Whether doubled-sequence query `q_idx` may attend to key `kv_idx` (Suppl. D)."""
+def block_diffusion_visible(
+    q_idx: torch.Tensor, kv_idx: torch.Tensor, seq_len: int, block_size: int, clean_block_size: int | None = None
+) -> torch.Tensor:
+    """Whether doubled-sequence query `q_idx` may attend to key `kv_idx` (Suppl. D); the clean half's
+    M_BC runs over blocks of `clean_block_size` (default L'; 1 makes the clean half token-causal)."""
     q_clean = q_idx >= seq_len
     kv_clean = kv_idx >= seq_len
-    q_block = torch.where(q_clean, q_idx - seq_len, q_idx) // block_size
-    kv_block = torch.where(kv_clean, kv_idx - seq_len, kv_idx) // block_size
+    q_pos = torch.where(q_clean, q_idx - seq_len, q_idx)
+    kv_pos = torch.where(kv_clean, kv_idx - seq_len, kv_idx)
+    q_block, kv_block = q_pos // block_size, kv_pos // block_size
+    clean = clean_block_size or block_size
     m_bd = ~q_clean & ~kv_clean & (q_block == kv_block)
     m_obc = ~q_clean & kv_clean & (q_block > kv_block)
-    m_bc = q_clean & kv_clean & (q_block >= kv_block)
+    m_bc = q_clean & kv_clean & (q_pos // clean >= kv_pos // clean)
     return m_bd | m_obc | m_bc
 
 
@@ -51,11 +60,12 @@ class AttentionMask:
     q_len: int
     kv_offset: int
     kv_len: int
+    clean_block_size: int | None = None  # blocks of the clean half's M_BC (None: L'; 1: token-causal)
 
     @classmethod
-    def doubled(cls, seq_len: int, block_size: int) -> AttentionMask:
+    def doubled(cls, seq_len: int, block_size: int, clean_block_size: int | None = None) -> AttentionMask:
         """The full 2L × 2L training mask over x_t ⊕ x (Alg. 1, vectorized)."""
-        return cls(seq_len, block_size, 0, 2 * seq_len, 0, 2 * seq_len)
+        return cls(seq_len, block_size, 0, 2 * seq_len, 0, 2 * seq_len, clean_block_size)
 
     @classmethod
     def block_causal(cls, seq_len: int, block_size: int) -> AttentionMask:
@@ -83,9 +93,13 @@ class AttentionMask:
         return replace(self, kv_len=min(n, self.kv_len))
 
     @property
+    def clean_block(self) -> int:
+        return self.clean_block_size or self.block_size
+
+    @property
     def is_causal(self) -> bool:
         """True when this window is a plain causal mask (what flash-attn can run natively)."""
-        return self.block_size == 1 and self.q_offset == self.kv_offset == self.seq_len and self.q_len == self.kv_len
+        return self.clean_block == 1 and self.q_offset == self.kv_offset == self.seq_len and self.q_len == self.kv_len
 
     @property
     def is_full(self) -> bool:
@@ -96,9 +110,10 @@ class AttentionMask:
     def mask_mod(self) -> MaskMod:
         """FlexAttention-style predicate (b, h, q_idx, kv_idx) -> bool over this window."""
         seq_len, block_size, q_off, kv_off = self.seq_len, self.block_size, self.q_offset, self.kv_offset
+        clean = self.clean_block_size
 
         def visible(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-            return block_diffusion_visible(q_idx + q_off, kv_idx + kv_off, seq_len, block_size)
+            return block_diffusion_visible(q_idx + q_off, kv_idx + kv_off, seq_len, block_size, clean)
 
         return visible
 
@@ -106,7 +121,7 @@ class AttentionMask:
         """The boolean [q_len, kv_len] matrix (True = may attend), for SDPA and for tests."""
         q = torch.arange(self.q_len, device=device)[:, None] + self.q_offset
         kv = torch.arange(self.kv_len, device=device)[None, :] + self.kv_offset
-        return block_diffusion_visible(q, kv, self.seq_len, self.block_size)
+        return block_diffusion_visible(q, kv, self.seq_len, self.block_size, self.clean_block_size)
 
 
 def doubled_positions(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import get_args
 
 from .diffusion_config import DiffusionConfig, ObjectiveName
 from .errors import Sad3Error
-from .objectives import AutoregressiveObjective, BlockDiffusionObjective, Objective
+from .objectives import AutoregressiveObjective, BlockDiffusionObjective, Objective, Switches
 from .samplers import BlockSampler, ConfidentSampler, SamplerName, ScheduledSampler
 from .schedules import NoiseSchedule, make_schedule
 from .sedd import EulerSampler, ScoreEntropyObjective
@@ -33,7 +33,7 @@ class ObjectiveEntry:
 OBJECTIVES: dict[str, ObjectiveEntry] = {
     "sad3": ObjectiveEntry(
         lambda d, seq_len, block, mask_id, schedule: BlockDiffusionObjective(
-            seq_len, block, schedule, mask_id, d.antithetic
+            seq_len, block, schedule, mask_id, d.antithetic, switches=Switches.of(d)
         ),
         "ancestral",
         False,

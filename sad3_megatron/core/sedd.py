@@ -70,15 +70,16 @@ class ScoreEntropyObjective(BlockDiffusionObjective):
     def __init__(self, seq_len: int, schedule, mask_id: int, antithetic: bool = True, clean_prefix: int = 1):
         super().__init__(seq_len, seq_len, schedule, mask_id, antithetic, clean_prefix)
 
-    def token_nll(
+    def row_nll(
         self, model: Denoiser, x: torch.Tensor, noised: NoisedBatch, document_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The score-entropy term of every token (its Eq. 7 weight applied by `loss`)."""
+        """The score-entropy term of every token (its Eq. 7 weight applied by `loss`); one block, no
+        shift: output row i is token i."""
         positions = self.positions.to(x.device)
         logits = model(noised.x_t, positions, self.attention_mask(document_ids), num_outputs=self.num_outputs).logits
         return score_entropy(logits.float(), x)
 
-    def token_nll_naive(self, model: Denoiser, x: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
+    def row_nll_naive(self, model: Denoiser, x: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
         raise Sad3Error("the naive per-block loop is for L' < L; SEDD runs one block (L' = L)")
 
 

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .objectives import BlockDiffusionObjective, token_weights
+from .objectives import BlockDiffusionObjective
 from .schedules import NoiseSchedule
 
 
@@ -63,11 +63,12 @@ def block_losses(
     generator: torch.Generator | None,
     schedule: NoiseSchedule | None = None,
     document_ids: torch.Tensor | None = None,
+    scored: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[b, B]: each block's mean Eq. 8 term (weight × -log p over its L' positions) for one noise draw."""
-    noised = objective.noise(x, generator, schedule)
-    nll = objective.token_nll(model, x, noised, document_ids)
-    terms = token_weights(noised) * nll
+    """[b, B]: each block's mean Eq. 8 term (weight × -log p over its L' positions) for one noise draw,
+    with the objective's own weights and estimator (averaged over a complementary pair, if it has one)."""
+    noised = objective.noise(x, generator, schedule, scored)
+    terms = objective.diffusion_terms(model, x, noised, document_ids)
     return terms.view(x.shape[0], -1, objective.block_size).mean(-1)
 
 
@@ -126,8 +127,9 @@ def batch_gradient(
     parameters: list[torch.nn.Parameter],
     schedule: NoiseSchedule | None = None,
     document_ids: torch.Tensor | None = None,
+    scored: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """∇l(X) of one minibatch (fresh noise from `generator`) with respect to `parameters`."""
     with torch.enable_grad():
-        loss = objective(model, x, generator, schedule=schedule, document_ids=document_ids).loss
+        loss = objective(model, x, generator, schedule=schedule, document_ids=document_ids, scored=scored).loss
         return torch.autograd.grad(loss, parameters, allow_unused=True, materialize_grads=True)

@@ -5,12 +5,14 @@ directory, text files to evaluate on, a zero-shot set — goes through the same 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sad3_megatron.core.errors import Sad3Error
-from sad3_megatron.data.packing import PackedSequences
+from sad3_megatron.data.chat import load_chat
+from sad3_megatron.data.packing import PackedSequences, pack_documents
 from sad3_megatron.data.preparation import default_cache_dir, prepare
 from sad3_megatron.data.recipes import DataRecipe, files_recipe, load_recipe
 from sad3_megatron.data.shards import MANIFEST, PreparedData, open_prepared
@@ -102,10 +104,39 @@ def packed_split(
     )
 
 
+def load_chat_corpus(data: DataConfig, tokenizer: Tokenizer, seq_len: int) -> Corpus:
+    """data.chat_files: conversations rendered with the chat template (data/chat.py), answers scored."""
+    files = expand_paths(data.chat_files, "data.chat_files")
+    chat = load_chat(files, tokenizer, data.val_fraction)
+    by_document = data.packing == "document"
+
+    def pack(conversations) -> PackedSequences:
+        return pack_documents([c.tokens for c in conversations], seq_len, tokenizer.bos_id, tokenizer.eos_id,
+                              by_document, data.framing, [c.scored for c in conversations])  # fmt: skip
+
+    train, val = pack(chat.train), pack(chat.validation)
+    if len(train) == 0 or len(val) < data.min_val_sequences:
+        raise Sad3Error(
+            f"chat data gives {len(train)} train / {len(val)} held-out rows of {seq_len} tokens (need 1 / "
+            f"{data.min_val_sequences}): add conversations, raise data.val_fraction or lower model.seq_len ({chat.report()})"
+        )
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    stats = CorpusStats(
+        prepared="in memory (data.chat_files)", fingerprint=f"chat:sha256:{digest}", tokenizer=tokenizer.name,
+        packing=data.packing, framing=data.framing, documents=len(chat.train) + len(chat.validation),
+        tokens=train.stats.tokens + val.stats.tokens,
+        skipped={"malformed_lines": len(chat.malformed), "lines": chat.malformed, "report": chat.report()},
+        train=train.stats.to_dict(), val=val.stats.to_dict(),
+    )  # fmt: skip
+    return Corpus(train, val, stats)
+
+
 def load_corpus(data: DataConfig, tokenizer: Tokenizer, seq_len: int) -> Corpus:
     """The training and validation splits named by a DataConfig, packed into rows of `seq_len`."""
     if data.packing not in PACKINGS:
         raise Sad3Error(f"unknown data.packing {data.packing!r}: choose one of {', '.join(PACKINGS)}")
+    if data.chat_files:
+        return load_chat_corpus(data, tokenizer, seq_len)
     source = resolve_source(data.recipe, data.train_files, data.tokenizer, data.val_fraction)
     prepared = prepared_data(source, tokenizer, data.cache_dir or None)
     manifest = prepared.manifest

@@ -13,7 +13,10 @@ are counted.
 Rows are assembled on demand from the shards' flat token arrays (memory-mapped), so a corpus of any size costs
 one int64 per document in memory. With `document_ids=True` each row also carries, per position, the index of the
 document it belongs to (0, 1, ... within the row; separators belong to their document), so attention can be kept
-inside documents.
+inside documents. With per-token `scored` flags (chat data, data/chat.py: the answers), each row also carries
+which positions are scored; a separator BOS is not, a document's closing EOS is scored when the document's last
+token is (an answer's end is the end of the conversation), and in `rows` framing the row-final EOS follows the
+position before it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class PackingStats:
 class Batch:
     tokens: np.ndarray  # [b, L] int64
     document_ids: np.ndarray | None  # [b, L] int64: which document (counted from 0 in each row) a position is in
+    scored: np.ndarray | None = None  # [b, L] bool: positions whose tokens are scored (None: all of them)
 
 
 class PackedSequences:
@@ -59,6 +63,7 @@ class PackedSequences:
         eos: int,
         document_ids: bool = False,
         framing: str = "rows",
+        scored: Sequence[np.ndarray] | None = None,
     ):
         if framing not in ("rows", "documents"):
             raise ValueError(f"framing must be rows or documents, got {framing!r}")
@@ -68,6 +73,9 @@ class PackedSequences:
         self.framing = framing
         self._content = seq_len - 2 if framing == "rows" else seq_len  # stream tokens per row
         self._parts = list(parts)
+        self._scored = None if scored is None else [np.asarray(p, dtype=bool) for p in scored]
+        if self._scored is not None and [len(p) for p in self._scored] != [len(p) for p in self._parts]:
+            raise ValueError("scored flags must match the tokens part by part")
         self._part_starts = np.concatenate([[0], np.cumsum([len(p) for p in self._parts])]).astype(np.int64)
         doc_lengths = np.concatenate([np.asarray(x, np.int64) for x in lengths]) if lengths else np.zeros(0, np.int64)
         if doc_lengths.sum() != self._part_starts[-1]:
@@ -91,6 +99,11 @@ class PackedSequences:
     def __len__(self) -> int:
         return self.stats.rows
 
+    @property
+    def has_scored(self) -> bool:
+        """Whether rows carry a scored mask (only some tokens are targets)."""
+        return self._scored is not None
+
     def __getitem__(self, index) -> np.ndarray:
         if isinstance(index, int | np.integer):
             return self.batch(np.array([index])).tokens[0]
@@ -109,27 +122,31 @@ class PackedSequences:
             raise IndexError(f"row index out of range for {n} rows")
         return np.where(rows < 0, rows + n, rows)
 
-    def _gather(self, flat: np.ndarray) -> np.ndarray:
-        """Tokens at positions of the concatenation of all parts."""
-        if len(self._parts) == 1:
-            return np.asarray(self._parts[0][flat], dtype=np.int64)
-        out = np.empty(flat.shape, np.int64)
+    def _gather(self, flat: np.ndarray, parts: list[np.ndarray] | None = None, dtype=np.int64) -> np.ndarray:
+        """Values (tokens, or `parts`' values) at positions of the concatenation of all parts."""
+        parts = self._parts if parts is None else parts
+        if len(parts) == 1:
+            return np.asarray(parts[0][flat], dtype=dtype)
+        out = np.empty(flat.shape, dtype)
         part = np.searchsorted(self._part_starts, flat, side="right") - 1
         for p in np.unique(part):
             here = part == p
-            out[here] = self._parts[p][flat[here] - self._part_starts[p]]
+            out[here] = parts[p][flat[here] - self._part_starts[p]]
         return out
 
     def batch(self, index) -> Batch:
-        tokens, docs = self._stream_window(self._rows(index))
+        tokens, docs, scored = self._stream_window(self._rows(index))
         if self.framing == "rows":  # [BOS] chunk [EOS]; the specials belong to the chunk's first / last document
             b = len(tokens)
             tokens = np.hstack([np.full((b, 1), self.bos), tokens, np.full((b, 1), self.eos)])
             docs = np.hstack([docs[:, :1], docs, docs[:, -1:]])
-        return Batch(tokens, docs if self.document_ids else None)
+            if scored is not None:
+                scored = np.hstack([np.zeros((b, 1), bool), scored, scored[:, -1:]])
+        return Batch(tokens, docs if self.document_ids else None, scored)
 
-    def _stream_window(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The stream tokens of `rows` [b, content] and, per position, its document counted from 0 in the row."""
+    def _stream_window(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The stream tokens of `rows` [b, content], per position its document counted from 0 in the row, and
+        (with scored flags) which positions are scored."""
         b, L, k, V = len(rows), self._content, self._k, self._frame_starts
         starts = rows * L
         first = np.searchsorted(V, starts, side="right") - 1  # document at each row's first position
@@ -155,7 +172,15 @@ class PackedSequences:
         # of earlier documents) plus the offset past its BOS.
         flat = V[docs] - k * docs + offset - (k - 1)
         tokens[inner] = self._gather(flat[inner])
-        return tokens, docs - first[:, None]
+        scored = None
+        if self._scored is not None:
+            scored = np.zeros((b, L), bool)
+            scored[inner] = self._gather(flat[inner], self._scored, bool)
+            # A document's EOS follows its last token (offset frame - 2; none when the document is empty).
+            closes = is_eos & (frame > k)
+            last = V[docs] - k * docs + frame - 2 - (k - 1)
+            scored[closes] = self._gather(last[closes], self._scored, bool)
+        return tokens, docs - first[:, None], scored
 
 
 def pack_documents(
@@ -165,8 +190,13 @@ def pack_documents(
     eos: int,
     document_ids: bool = False,
     framing: str = "rows",
+    scored: Sequence[Sequence[bool]] | None = None,
 ) -> PackedSequences:
-    """Pack token lists held in memory (tests, small evaluation sets) exactly as shards are packed."""
+    """Pack token lists held in memory (tests, small evaluation sets, chat data) exactly as shards are
+    packed; `scored` gives per-token flags of the same shape as `documents`."""
     lengths = np.array([len(d) for d in documents], np.int64)
     flat = np.fromiter((t for d in documents for t in d), np.int64, count=int(lengths.sum()))
-    return PackedSequences([flat], [lengths], seq_len, bos, eos, document_ids, framing)
+    flags = None
+    if scored is not None:
+        flags = [np.fromiter((f for d in scored for f in d), bool, count=int(lengths.sum()))]
+    return PackedSequences([flat], [lengths], seq_len, bos, eos, document_ids, framing, flags)

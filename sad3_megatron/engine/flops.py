@@ -50,7 +50,7 @@ def training_flops_per_sequence(model: ModelConfig, vocab: int, objective: Objec
     linear = 2 * tokens * m.num_layers * layer_matmul_parameters(m)
     attention = 4 * pairs * m.num_heads * m.head_dim * m.num_layers  # q·k and p·v for every query head
     output = 2 * outputs * m.hidden_size * vocab
-    return 3.0 * (linear + attention + output)
+    return 3.0 * (linear + attention + output) * getattr(objective, "copies", 1)  # complementary masks: 2 rows
 
 
 def peak_tflops(device: torch.device, override: float = 0.0) -> float | None:

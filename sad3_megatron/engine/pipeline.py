@@ -188,7 +188,10 @@ def pipeline_bound(
     autocast_dtype: torch.dtype | None = None, max_sequences: int | None = None,
 ) -> BoundEstimate:  # fmt: skip
     """The held-out bound of `evaluation.estimate_bound`, run through the pipeline stages (one draw
-    of t ~ U[0, 1] per block; whole micro-batches only, as the pipeline's buffers are fixed-size)."""
+    of t ~ U[0, 1] per block; whole micro-batches only, as the pipeline's buffers are fixed-size).
+    The stages hold the training objective's layout, which its bound shares: objective.bound() changes
+    the weights only (config validation refuses the one exception, an AR term at L' = L)."""
+    objective = objective.bound()
     exact = objective.autoregressive
     schedule = None if exact else evaluation_schedule()
     generator = torch.Generator().manual_seed(seed * 1_000_003)
@@ -196,8 +199,8 @@ def pipeline_bound(
     available = len(sequences) if not max_sequences else min(max_sequences, len(sequences))
     usable = available // batch_size * batch_size
     for start in range(0, usable, batch_size):
-        x, document_ids = rows_and_documents(sequences, start, start + batch_size, device)
-        batch = pipeline_batch(objective, objective.training_pass(x, generator, schedule), document_ids)
+        x, document_ids, scored = rows_and_documents(sequences, start, start + batch_size, device)
+        batch = pipeline_batch(objective, objective.training_pass(x, generator, schedule, scored), document_ids)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = engine.eval_batch(iter([batch]), num_micro_batches=1)
         losses.append(float(loss))

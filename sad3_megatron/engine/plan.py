@@ -161,7 +161,7 @@ def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1, voca
     sizes = m.resolved()
     objective = build_objective(cfg.diffusion, m.seq_len, mask_id=0)  # only its layout is read
     s = objective.positions.numel()  # rows of the transformer input: 2L for x_t ⊕ x
-    b, h, layers = cfg.train.micro_batch_size, sizes.hidden_size, sizes.num_layers
+    b, h, layers = cfg.train.micro_batch_size * objective.copies, sizes.hidden_size, sizes.num_layers
     half_precision = cfg.train.precision != "fp32"
     # Per layer, bytes kept for backward in 16-bit (activation_bytes_per_token); sequence parallelism
     # splits the replicated part too. Full checkpointing keeps each layer's input, plus one layer's

@@ -85,7 +85,8 @@ def model_identity(cfg: Config) -> dict:
 
 
 def check_same_model(saved: Config, cfg: Config, checkpoint) -> None:
-    """A one-line error naming the first setting the checkpoint and this run disagree on."""
+    """A one-line error naming the first setting the checkpoint and this run disagree on (shape,
+    tokenizer, then L')."""
     theirs, ours = model_identity(saved), model_identity(cfg)
     for key, value in theirs.items():
         if ours[key] != value:
@@ -93,3 +94,9 @@ def check_same_model(saved: Config, cfg: Config, checkpoint) -> None:
                 f"checkpoint {str(checkpoint)!r} was trained with {key}={value}, this run has {key}={ours[key]}: "
                 f"a resume keeps the model's shape and tokenizer; set {key}={value} or use another run.out_dir"
             )
+    if saved.diffusion.block_size != cfg.diffusion.block_size:  # the schedule and its search belong to the saved L'
+        raise Sad3Error(
+            f"checkpoint {str(checkpoint)!r} trained L'={saved.diffusion.block_size}, this run has "
+            f"diffusion.block_size={cfg.diffusion.block_size}: a new L' is a new stage (train.init_from and a new "
+            "run.out_dir; launchers/adapt.sh), not a resume"
+        )

@@ -141,8 +141,9 @@ class ScheduleSearch:
     def _elbo(self, model, objective, sequences, device, step, share, schedule) -> float:
         mine = []
         for i in share:
-            x, document_ids = self._batch(sequences, i, device)
-            mine.append((i, block_losses(model, objective, x, self._generator(step, i), schedule, document_ids).cpu()))
+            x, document_ids, scored = self._batch(sequences, i, device)
+            losses = block_losses(model, objective, x, self._generator(step, i), schedule, document_ids, scored)
+            mine.append((i, losses.cpu()))
         pieces = sorted(_gather(mine, self.group), key=lambda piece: piece[0])  # batch order, whatever the layout
         return elbo_variance(torch.cat([p for _, p in pieces]), objective).per_block
 
@@ -152,8 +153,8 @@ class ScheduleSearch:
             raise Sad3Error(f"diffusion.search_parameters={self.parameters!r} matches no parameter name")
         sums = GradientSums()
         for i in share:
-            x, document_ids = self._batch(sequences, i, device)
-            sums.add(batch_gradient(model, objective, x, self._generator(step, i), params, schedule, document_ids))
+            x, document_ids, scored = self._batch(sequences, i, device)
+            sums.add(batch_gradient(model, objective, x, self._generator(step, i), params, schedule, document_ids, scored))
         return _all_reduce_sums(sums, params, self.group).result().variance
 
 

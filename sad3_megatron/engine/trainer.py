@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from sad3_megatron.config import Config, save_config
+from sad3_megatron.config import Config, adaptation_switches, save_config
 from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.core.likelihood import estimate_bound, held_out_words
 from sad3_megatron.core.schedules import NoiseSchedule
@@ -51,6 +51,7 @@ from sad3_megatron.engine.flops import peak_tflops, training_flops_per_sequence
 from sad3_megatron.engine.guard import GuardedAdamW, StepGuard, injected_fault
 from sad3_megatron.engine.hf_import import apply_init_architecture, load_init_weights
 from sad3_megatron.engine.lr_schedule import lr_multiplier
+from sad3_megatron.engine.mask_noise import MaskEmbeddingNoise
 from sad3_megatron.engine.metrics import MetricsLog
 from sad3_megatron.engine.mpu import MegatronMPU
 from sad3_megatron.engine.optimizer_state import (
@@ -188,9 +189,10 @@ def local_weights(weights: dict[str, torch.Tensor], module: torch.nn.Module, pip
 
 
 def _micro_batch(corpus, cfg: Config, step: int, slot: int, device: torch.device, row_offset: int = 0):
-    """Rows, document ids (None unless packed by document) and noise generator of one micro-batch
-    slot of one step: pure functions of (seed, step, slot), hence exact on resume. `row_offset`
-    shifts the rows after a resume with another global batch (engine/resume.py)."""
+    """Rows, document ids (None unless packed by document), scored mask (None unless only some tokens
+    are scored: chat rows) and noise generator of one micro-batch slot of one step: pure functions of
+    (seed, step, slot), hence exact on resume. `row_offset` shifts the rows after a resume with another
+    global batch (engine/resume.py)."""
     t = cfg.train
     dp_size = parallel_state.get_data_parallel_world_size()
     micro, dp_rank = divmod(slot, dp_size)
@@ -204,7 +206,8 @@ def _micro_batch(corpus, cfg: Config, step: int, slot: int, device: torch.device
     batch = corpus.train.batch(rows)
     x = torch.as_tensor(batch.tokens, device=device)
     document_ids = None if batch.document_ids is None else torch.as_tensor(batch.document_ids, device=device)
-    return x, document_ids, torch.Generator().manual_seed(step_seed(cfg.run.seed, step, slot))
+    scored = None if batch.scored is None else torch.as_tensor(batch.scored, device=device)
+    return x, document_ids, scored, torch.Generator().manual_seed(step_seed(cfg.run.seed, step, slot))
 
 
 @dataclass
@@ -264,6 +267,7 @@ class Trainer:
         if self.resume_from is not None:  # before the data and the engine: a refusal comes at once
             check_same_model(read_config(self.resume_from), cfg, self.resume_from)
         self.engine, self.scheduler = self._build_engine(parts.tokenizer)
+        self.mask_noise = self._mask_noise(parts.tokenizer.mask_id)
         self.search = None
         if cfg.diffusion.schedule_search != "off":
             self.search = ScheduleSearch.from_config(cfg, parallel_state.get_data_parallel_group())
@@ -319,6 +323,17 @@ class Trainer:
         self.guard.outer = engine.optimizer
         return engine, scheduler
 
+    def _mask_noise(self, mask_id: int) -> MaskEmbeddingNoise | None:
+        """LLaDA2's decaying noise on the [MASK] embedding (engine/mask_noise.py), when configured."""
+        d = self.cfg.diffusion
+        if d.mask_embedding_noise <= 0:
+            return None
+        dp_rank, dp_size, seed = self.dp_rank, self.dp_size, self.cfg.run.seed
+        return MaskEmbeddingNoise(
+            self.engine.module, mask_id, d.mask_embedding_noise, d.mask_embedding_noise_steps,
+            lambda step, k: step_seed(seed + 1, step, k * dp_size + dp_rank),  # not the masks' stream
+        )  # fmt: skip
+
     def _restore(self, checkpoint: Path) -> None:
         if is_layout_free(checkpoint):
             state = self._restore_layout_free(checkpoint)
@@ -370,6 +385,13 @@ class Trainer:
             f"{len(self.corpus.val)} val sequences, device={self.device.type}, dp={self.dp_size}{resumed}",
             flush=True,
         )
+        switches = adaptation_switches(cfg.diffusion)
+        if switches:
+            print(f"sad3 train: adaptation switches: {switches}", flush=True)
+        report = self.corpus.stats.skipped.get("report")  # chat data: malformed lines, by file and line
+        if report:
+            print(f"sad3 train: {report}", file=sys.stderr if self.corpus.stats.skipped.get("malformed_lines") else sys.stdout,
+                  flush=True)  # fmt: skip
 
     # ---- one optimizer step ----------------------------------------------------------------------
 
@@ -380,6 +402,8 @@ class Trainer:
         if injected_fault("sigterm", done):
             os.kill(os.getpid(), signal.SIGTERM)
         self.guard.reset()
+        if self.mask_noise is not None:
+            self.mask_noise.begin(step)
         skipped_before = self.engine.skipped_steps
         poison = float("nan") if injected_fault("nan_loss", done) else 1.0
         if self.pipelined:
@@ -398,10 +422,10 @@ class Trainer:
         t = self.cfg.train
         batches = []
         for micro in range(t.grad_accum_steps):
-            x, document_ids, generator = _micro_batch(
+            x, document_ids, scored, generator = _micro_batch(
                 self.corpus, self.cfg, step, micro * self.dp_size + self.dp_rank, self.device, self.row_offset
             )
-            batch = self.objective.training_pass(x, generator, self.schedule)
+            batch = self.objective.training_pass(x, generator, self.schedule, scored)
             batch.weights = batch.weights * poison
             batches.append(pipeline_batch(self.objective, batch, document_ids))
         # train_batch returns the mean over micro-batches and ranks
@@ -414,9 +438,12 @@ class Trainer:
         for micro in range(t.grad_accum_steps):
             slot = micro * self.dp_size + self.dp_rank
             torch.manual_seed(step_seed(self.cfg.run.seed, step, slot))  # dropout
-            x, document_ids, generator = _micro_batch(self.corpus, self.cfg, step, slot, self.device, self.row_offset)
+            x, document_ids, scored, generator = _micro_batch(
+                self.corpus, self.cfg, step, slot, self.device, self.row_offset
+            )
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                terms = self.objective(engine, x, generator, schedule=self.schedule, document_ids=document_ids)
+                terms = self.objective(engine, x, generator, schedule=self.schedule, document_ids=document_ids,
+                                       scored=scored)  # fmt: skip
             loss = terms.loss * poison
             engine.backward(loss)
             loss_sum += loss.detach()
@@ -469,6 +496,7 @@ class Trainer:
                 "skipped": outcome.skipped,
                 "skipped_steps": self.skipped_steps,
                 "tokens": self.tokens_seen,
+                "mask_noise_std": self.mask_noise.current_std if self.mask_noise is not None else None,
                 "tokens_per_s": window["tokens"] / elapsed_window,
                 "elapsed": now - self.started,
                 "max_rss_gib": _peak_memory_per_rank(),

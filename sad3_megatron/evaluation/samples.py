@@ -16,6 +16,7 @@ from pathlib import Path
 from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.core.generate import GenerationResult, Sample, SamplingConfig, generate
 from sad3_megatron.core.registry import objective_entry
+from sad3_megatron.data.chat import chat_prompt
 from sad3_megatron.data.tokenizers import Tokenizer
 
 
@@ -133,10 +134,11 @@ def split_documents(tokens: Sequence[int], eos_id: int | None) -> list[list[int]
 
 
 def sample_checkpoint(
-    checkpoint: str, config: SamplingConfig, prompt: str | None = None, use_ema: bool = True
+    checkpoint: str, config: SamplingConfig, prompt: str | None = None, use_ema: bool = True, chat: bool = False
 ) -> SampleFile:
     """Draw `config.batch_size` samples from a run, checkpoint or export (Alg. 2; the AR baseline
-    next-token), continuing BOS + `prompt`, with the model's L' and its objective's sampler by default."""
+    next-token), continuing BOS + `prompt`, with the model's L' and its objective's sampler by default.
+    With `chat`, `prompt` is a user message rendered with the tokenizer's chat template (data/chat.py)."""
     from sad3_megatron.engine.build import load_components  # megatron: only once the flags are checked
 
     config.check()
@@ -146,10 +148,16 @@ def sample_checkpoint(
     with contextlib.redirect_stdout(sys.stderr):
         parts, ckpt = load_components(checkpoint, use_ema=use_ema, backend="sdpa")
     cfg, tok = parts.cfg, parts.tokenizer
-    ids = [tok.bos_id] + (tok.encode(prompt) if prompt else [])
+    if chat:
+        if not prompt:
+            raise Sad3Error("--chat renders --prompt as a user message: give --prompt TEXT")
+        ids = chat_prompt(tok, prompt)
+    else:
+        ids = [tok.bos_id] + (tok.encode(prompt) if prompt else [])
     if config.block_size is not None and cfg.diffusion.objective == "ar":
         raise Sad3Error("--block-size applies to diffusion checkpoints; this one is the AR baseline")
     config = SamplingConfig(**{**asdict(config), "block_size": config.block_size or cfg.diffusion.block_size})
+    d = cfg.diffusion
     result = generate(parts.model, config, seq_len=cfg.model.seq_len, mask_id=tok.mask_id, eos_id=tok.eos_id,
-                      prompt=ids, objective=cfg.diffusion.objective)  # fmt: skip
+                      prompt=ids, objective=d.objective, shift=d.shift, clean_attention=d.clean_attention)  # fmt: skip
     return SampleFile.of(result, str(ckpt), cfg, tok, len(ids))

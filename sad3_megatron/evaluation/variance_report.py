@@ -99,16 +99,17 @@ def _held_out_batches(cfg, parts, settings: VarianceSettings) -> list:
 
 def _row(model, objective, schedule, batches, params, seed: int, with_grad: bool) -> dict:
     losses, sums = [], GradientSums()
-    for m, (x, document_ids) in enumerate(batches):
+    for m, (x, document_ids, scored) in enumerate(batches):
         with torch.no_grad():
             losses.append(
                 block_losses(
-                    model, objective, x, torch.Generator().manual_seed(seed * 1_000_003 + m), schedule, document_ids
+                    model, objective, x, torch.Generator().manual_seed(seed * 1_000_003 + m), schedule, document_ids,
+                    scored,
                 )
             )
         if with_grad:  # the same noise as the ELBO pass: a fresh, independent draw per minibatch
             generator = torch.Generator().manual_seed(seed * 1_000_003 + m)
-            sums.add(batch_gradient(model, objective, x, generator, params, schedule, document_ids))
+            sums.add(batch_gradient(model, objective, x, generator, params, schedule, document_ids, scored))
     return {
         "block_size": objective.block_size,
         "schedule": schedule.label,

@@ -207,9 +207,11 @@ class Sad3PreTrainedModel(PreTrainedModel):
             prompt = [self.config.bos_token_id]
         else:
             prompt = input_ids.reshape(-1).tolist() if torch.is_tensor(input_ids) else [int(i) for i in input_ids]
+        diffusion = self.config.diffusion_config()  # sampled as trained: token shift, clean attention
         return generate(self.model, config, seq_len=self.config.max_position_embeddings,
                         mask_id=self.config.mask_token_id, eos_id=self.config.eos_token_id, prompt=prompt,
-                        objective=self.config.objective)  # fmt: skip
+                        objective=self.config.objective, shift=diffusion.shift,
+                        clean_attention=diffusion.clean_attention)  # fmt: skip
 
     @torch.no_grad()
     def nelbo(self, input_ids: torch.Tensor, block_size: int | None = None, draws: int = 1, seed: int = 0) -> dict:
@@ -245,12 +247,14 @@ class Sad3ForMaskedLM(Sad3PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> Sad3MaskedLMOutput | tuple:
-        """Logits [b, n, V] of the first `num_outputs` inputs (all by default), SUBS-parameterized;
+        """Logits [b, n, V] of the first `num_outputs` inputs (all by default), SUBS-parameterized (a
+        `diffusion.shift` model's row i predicts token i + 1 and is returned as it is);
         with `use_cache=True` the returned cache holds the past plus this call's keys/values (do
         that for clean tokens only). `labels` (-100 = ignored) give the mean cross-entropy as `loss`."""
         logits, cache = self._run(input_ids, attention_mask, position_ids, past_key_values, bool(use_cache),
                                   sad3_mask, num_outputs, self.config.block_size)  # fmt: skip
-        logits = copy_unmasked(logits, input_ids[:, : logits.shape[1]], self.config.mask_token_id)
+        if not self.config.diffusion_config().shift:  # a token-shift model's row i predicts token i + 1
+            logits = copy_unmasked(logits, input_ids[:, : logits.shape[1]], self.config.mask_token_id)
         loss = None
         if labels is not None:
             scored = labels[:, : logits.shape[1]]
