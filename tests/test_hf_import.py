@@ -109,6 +109,13 @@ def test_the_mask_token_takes_a_new_mean_row_past_a_full_table_and_a_padding_row
     assert load_components(imported("qwen3"))[0].tokenizer.mask_id == 500
 
 
+def test_checkpoint_info_describes_an_import_as_weights_only(imported, capsys):
+    assert main(["checkpoint", "info", str(imported("mistral"))]) == 0
+    out = capsys.readouterr().out
+    assert "format: weights-only; intact: yes" in out and "4 heads (2 key/value)" in out and "(swiglu, rmsnorm)" in out
+    assert "no training state to resume" in out
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sad3_eval_of_an_import_is_the_nll_transformers_loss_gives(family, hf_models, imported, tmp_path):
     from sad3_megatron.data.corpus import load_eval_sequences

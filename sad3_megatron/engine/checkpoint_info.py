@@ -40,9 +40,10 @@ def checkpoint_info(path: str | Path) -> dict:
 
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
+    fmt = "layout-free" if is_layout_free(ckpt) else "deepspeed-shards" if any(ckpt.glob("*.pt")) else "weights-only"
     info: dict = {
         "checkpoint": str(ckpt),
-        "format": "layout-free" if is_layout_free(ckpt) else "deepspeed-shards",
+        "format": fmt,
         "intact": checkpoint_problem(ckpt) or "yes",
         "sizes": _sizes(ckpt),
         "model": {k.split(".", 1)[1]: v for k, v in model_identity(cfg).items()},  # shape fields, tokenizer
@@ -53,7 +54,7 @@ def checkpoint_info(path: str | Path) -> dict:
         lr = state.get("lr_scheduler", {}).get("_last_lr", [None])[0]
         info.update(step=state["step"], tokens=state["tokens"], data=state.get("data"), layout=state.get("layout"))
         info.update(optimizer_steps=state.get("optimizer_steps"), lr=lr, ema_updates=state.get("ema_updates"))
-    else:
+    elif fmt == "deepspeed-shards":
         info.update(step=int(ckpt.name.removeprefix("step_")), layout=_deepspeed_layout(ckpt))
     return info
 
@@ -77,10 +78,16 @@ def info_lines(info: dict) -> list[str]:
     lines = [
         f"checkpoint {info['checkpoint']}",
         f"  format: {info['format']}; intact: {info['intact']}",
-        f"  model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_heads']} heads, FFN {m['ffn_hidden_size']}, "
-        f"L = {m['seq_len']}, tokenizer {m['tokenizer']}, objective {info['objective']}",
+        f"  model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_heads']} heads ({m['num_kv_heads']} key/value), "
+        f"FFN {m['ffn_hidden_size']} ({m['mlp']}, {m['norm']}), L = {m['seq_len']}, tokenizer {m['tokenizer']}, "
+        f"objective {info['objective']}",
         f"  size: {total:,} bytes ({total / GIB:.3f} GiB: {parts})",
     ]
+    if info["format"] == "weights-only":
+        return lines + [
+            "  weights only (what `sad3 import` writes): train.init_from starts a run from it on any layout; sad3 "
+            "eval, sample and export read it; there is no training state to resume"
+        ]
     if info["format"] != "layout-free":
         ds = info["layout"]
         return lines + [
