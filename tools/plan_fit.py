@@ -1,12 +1,16 @@
 """Which model fits where: the dry-run memory estimate (engine/plan.py) turned into a table of the largest
-micro-batch per GPU for every model preset, ZeRO-1 and ZeRO-3, and each activation-checkpointing mode.
+micro-batch per GPU for every model preset, ZeRO-1 and ZeRO-3, and each activation-checkpointing mode;
+or, with --context-parallel, of the longest context L that fits at micro-batch 1 on C GPUs of context
+parallelism (one data-parallel replica, ZeRO-3 over the C ranks, the chunked output-layer loss).
 
     python tools/plan_fit.py --seq-len 1024 --world-size 1 --gpu-memory 80
     python tools/plan_fit.py --config configs/owt.yaml --stage finetune --world-size 8
+    python tools/plan_fit.py --context-parallel 1 2 4 8 --presets small
 
 An estimate, not a measurement: it counts fp32 weights, gradients, Adam moments and EMA (sharded by ZeRO),
 and 16-bit activations of the doubled sequence by Korthikanti et al.'s per-layer formula with a fused
-attention kernel (no s² term). Allocator fragmentation and communication buffers come on top.
+attention kernel (no s² term; FlexAttention on GPU). Allocator fragmentation and communication buffers
+come on top.
 """
 
 from __future__ import annotations
@@ -16,7 +20,47 @@ import argparse
 from sad3_megatron.config import load_config
 from sad3_megatron.core.model_config import PRESETS
 from sad3_megatron.data.tokenizers import load_tokenizer
-from sad3_megatron.engine.plan import make_plan
+from sad3_megatron.engine.plan import longest_context, make_plan
+
+MODES = ("none", "selective", "full")
+LIMIT = 1 << 20  # contexts are searched up to 1M tokens
+
+
+def micro_batch_table(args) -> None:
+    print(f"largest micro-batch per GPU within {args.gpu_memory:g} GiB, world size {args.world_size} ({args.config}, {args.stage})")
+    print(f"{'preset':8s} {'params':>9s}  " + "  ".join(f"{m:>16s}" for m in MODES))
+    for preset in args.presets:
+        cells, params = [], 0
+        for mode in MODES:
+            overrides = [f"model.preset={preset}", f"train.activation_checkpointing={mode}", "train.global_batch_size=0"]
+            if args.seq_len:
+                overrides.append(f"model.seq_len={args.seq_len}")
+            cfg = load_config(args.config, overrides, stage=args.stage)
+            plan = make_plan(cfg, args.world_size, load_tokenizer(cfg.data.tokenizer).vocab_size, args.gpu_memory)
+            params = plan.parameters
+            cells.append(f"Z1 {plan.fits[1]:>4d} / Z3 {plan.fits[3]:>4d}")
+        print(f"{preset:8s} {params / 1e6:8.0f}M  " + "  ".join(f"{c:>16s}" for c in cells))
+
+
+def context_table(args) -> None:
+    cps = args.context_parallel
+    print(
+        f"longest L (multiple of 1024) within {args.gpu_memory:g} GiB per GPU, micro-batch 1, on C GPUs of context "
+        f"parallelism, ZeRO-3, loss chunks of 4096 tokens ({args.config}, {args.stage})"
+    )
+    print(f"{'preset':8s} {'checkpointing':>13s}  " + "  ".join(f"{f'C = {c}':>9s}" for c in cps))
+    for preset in args.presets:
+        for mode in MODES:
+            cells = []
+            for cp in cps:
+                overrides = [f"model.preset={preset}", f"train.activation_checkpointing={mode}", "train.global_batch_size=0",
+                             "parallel.zero_stage=3", "model.loss_chunk_tokens=4096", f"parallel.context_parallel={cp}",
+                             "model.seq_len=1024"]  # fmt: skip
+                cfg = load_config(args.config, overrides, stage=args.stage)
+                vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+                longest = longest_context(cfg, args.gpu_memory, vocab, limit=LIMIT)
+                cells.append(f"{'>= 1M' if longest == LIMIT else f'{longest:,d}':>9s}")
+            print(f"{preset:8s} {mode:>13s}  " + "  ".join(cells))
 
 
 def main() -> None:
@@ -26,20 +70,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--context-parallel", type=int, nargs="+", default=None, metavar="C",
+                        help="print the longest context per C instead of the largest micro-batch")  # fmt: skip
     args = parser.parse_args()
-    print(f"largest micro-batch per GPU within {args.gpu_memory:g} GiB, world size {args.world_size} ({args.config}, {args.stage})")
-    print(f"{'preset':8s} {'params':>9s}  " + "  ".join(f"{m:>16s}" for m in ("none", "selective", "full")))
-    for preset in PRESETS:
-        cells, params = [], 0
-        for mode in ("none", "selective", "full"):
-            overrides = [f"model.preset={preset}", f"train.activation_checkpointing={mode}", "train.global_batch_size=0"]
-            if args.seq_len:
-                overrides.append(f"model.seq_len={args.seq_len}")
-            cfg = load_config(args.config, overrides, stage=args.stage)
-            plan = make_plan(cfg, args.world_size, load_tokenizer(cfg.data.tokenizer).vocab_size, args.gpu_memory)
-            params = plan.parameters
-            cells.append(f"Z1 {plan.fits[1]:>4d} / Z3 {plan.fits[3]:>4d}")
-        print(f"{preset:8s} {params / 1e6:8.0f}M  " + "  ".join(f"{c:>16s}" for c in cells))
+    (context_table if args.context_parallel else micro_batch_table)(args)
 
 
 if __name__ == "__main__":

@@ -44,16 +44,27 @@ class ModelOutput:
 
 
 def attention_core(
-    qkv: torch.Tensor, rope, mask: AttentionMask | None, past: KV | None, keep: int, head_dim: int, backend: str
+    qkv: torch.Tensor,
+    rope,
+    mask: AttentionMask | None,
+    past: KV | None,
+    keep: int,
+    head_dim: int,
+    backend: str,
+    gather_kv=None,
 ) -> tuple[torch.Tensor, KV]:
     """Attention over projected qkv [s, b, heads·3·head_dim] (laid out per head as (3, head_dim)).
 
     Queries are kept for the first `keep` rows only; keys/values of all s rows are returned
-    (rotated, [b, heads, s, head_dim]) and attend after the cached prefix `past`. Returns the merged
-    heads [keep, b, heads·head_dim] and this call's K/V."""
+    (rotated, [b, heads, s, head_dim]) and attend after the cached prefix `past`. `gather_kv(k, v,
+    mask)`, when given, turns the rotated keys/values [s, b, heads, d] of these rows into those the
+    mask's keys name (context parallelism gathers every rank's). Returns the merged heads
+    [keep, b, heads·head_dim] and this call's K/V."""
     s, b = qkv.shape[:2]
     q, k, v = qkv.view(s, b, -1, 3, head_dim).unbind(3)
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    if gather_kv is not None:
+        k, v = gather_kv(k, v, mask)
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q[:keep], k, v))  # -> [b, heads, s, d]
     new_kv = (k, v)
     if past is not None:
@@ -91,8 +102,14 @@ class Attention(nn.Module):
 
     project = staticmethod(_call)  # how a linear layer is applied (megatron's return (output, bias))
 
+    def gather_kv(self, k: torch.Tensor, v: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values the mask's columns name, from those of this call's rows: the same ones here
+        (the megatron model gathers them across context-parallel ranks for a RowsMask)."""
+        return k, v
+
     def forward(self, h, rope, mask: AttentionMask | None, past: KV | None, keep: int) -> tuple[torch.Tensor, KV]:
-        out, kv = attention_core(self.project(self.qkv, h), rope, mask, past, keep, self.head_dim, self.backend)
+        qkv = self.project(self.qkv, h)
+        out, kv = attention_core(qkv, rope, mask, past, keep, self.head_dim, self.backend, self.gather_kv)
         return self.project(self.proj, out), kv
 
 

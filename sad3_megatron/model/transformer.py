@@ -19,10 +19,12 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from sad3_megatron.core import network
+from sad3_megatron.core.masks import RowsMask
 from sad3_megatron.core.model_config import ModelConfig
 from sad3_megatron.core.network import subs_blocked_ids
 from sad3_megatron.core.rotary import RotaryEmbedding
 from sad3_megatron.model.chunked_loss import chunked_vocab_parallel_nll
+from sad3_megatron.model.context_parallel import gather_keys_values
 from sad3_megatron.model.sequence_parallel import first_rows, split_sequence
 
 
@@ -82,6 +84,10 @@ class SelfAttention(network.Attention):
         qkv = _column(mp, m.hidden_size, 3 * m.hidden_size, bias=False)
         proj = _row(mp, m.hidden_size, m.hidden_size, bias=False, std=out_std)
         super().__init__(qkv, proj, m.head_dim, m.attention_backend)
+
+    def gather_kv(self, k: torch.Tensor, v: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """A RowsMask names every context-parallel rank's keys: gather them (model/context_parallel.py)."""
+        return gather_keys_values(k, v) if isinstance(mask, RowsMask) else (k, v)
 
 
 class MLP(network.MLP):
