@@ -23,7 +23,7 @@ from sad3_megatron.data.tokenizers import load_tokenizer
 from sad3_megatron.engine.plan import longest_context, make_plan
 
 MODES = ("none", "selective", "full")
-LIMIT = 1 << 20  # contexts are searched up to 1M tokens
+LIMIT = 1 << 22  # contexts are searched up to 4M tokens
 
 
 def micro_batch_table(args) -> None:
@@ -59,7 +59,7 @@ def context_table(args) -> None:
                 cfg = load_config(args.config, overrides, stage=args.stage)
                 vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
                 longest = longest_context(cfg, args.gpu_memory, vocab, limit=LIMIT)
-                cells.append(f"{'>= 1M' if longest == LIMIT else f'{longest:,d}':>9s}")
+                cells.append(f"{'>= 4M' if longest == LIMIT else f'{longest:,d}':>9s}")
             print(f"{preset:8s} {mode:>13s}  " + "  ".join(cells))
 
 

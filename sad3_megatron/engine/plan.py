@@ -192,7 +192,7 @@ def describe_plan(cfg: Config, world_size: int) -> list[str]:
     return [head, *("  " + line for line in plan.lines())]
 
 
-def longest_context(cfg: Config, budget_gib: float, vocab_size: int, granule: int = 1024, limit: int = 1 << 20) -> int:
+def longest_context(cfg: Config, budget_gib: float, vocab_size: int, granule: int = 1024, limit: int = 1 << 22) -> int:
     """The longest L (a multiple of `granule`, at most `limit`) whose estimated memory at micro-batch 1
     fits `budget_gib` per GPU on TP × CP × PP GPUs (one data-parallel replica); 0 when none does."""
     one_block = cfg.diffusion.block_size == cfg.model.seq_len  # MDLM stays MDLM at every L
