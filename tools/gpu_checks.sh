@@ -2,8 +2,8 @@
 # The checks and measurements that need a GPU, as one script of at most 10 minutes: throughput and MFU
 # of the 110M model (L = 1024, L' = 4 against MDLM; bf16, fp8, compiled layers, chunked loss, activation
 # checkpointing) and of the 1.4B `xl` preset, the output layer's memory, the GPU-only paths against
-# their references (pytest -m gpu), sampling speed (KV cache, batches, confident vs AR), and a short run
-# of the real trainer and sampler.
+# their references (pytest -m gpu, context parallelism's Flex kernels included), sampling speed (KV
+# cache, batches, confident vs AR), and a short run of the real trainer and sampler.
 #   bash tools/gpu_checks.sh [out_dir]
 # Each check's exit status is recorded in OUT_DIR/status.txt and the script exits 1 if any failed;
 # the measured rows are collected in OUT_DIR/compass.md (one markdown table).
@@ -42,8 +42,10 @@ check "throughput: 1.4B xl, L=1024, batch 8" "$OUT_DIR/bench_xl.txt" \
 check "output layer: full logits vs chunked loss (16 x 1024 tokens, GPT-2 vocabulary)" "$OUT_DIR/output_layer.txt" \
   timeout 30 $PY tools/bench_output_layer.py --tokens 16384 --hidden 768 --vocab 50304 --bf16
 
+# Includes context parallelism's kernels (each rank's rows on Flex against the unsplit attention); a CP
+# step itself needs two GPUs (NCCL puts one rank on a device).
 check "GPU-only paths against their references" "$OUT_DIR/pytest_gpu.txt" \
-  timeout 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+  timeout 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 
 printf '\n| sampling | setting | speed | ratio / NFEs |\n|---|---|---|---|\n' >> "$COMPASS"
 check "sampling: KV cache, batches 1/16/64, confident vs AR (110M, 1024 tokens)" "$OUT_DIR/sampling.txt" \
