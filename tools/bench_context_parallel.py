@@ -7,8 +7,11 @@ Each process runs the trainer's model and objective (through model/context_paral
 for `--steps` forward + backward passes after one warm-up, plus the gradient all-reduce DeepSpeed
 would do over the CP group. Per rank it reports:
 - the activations kept for backward: the bytes of every tensor autograd saves during the forward
-  (each storage once, parameters left out), which context parallelism should about halve;
-- of those, the keys/values all-gathered at attention (kept whole on every rank; computed, not measured);
+  (each storage once, parameters left out), which context parallelism should about halve; split into
+  the output layer's (tensors as wide as the vocabulary: logits, log-softmax), CPU SDPA's dense mask
+  (2-D, as wide as all rows; the kernel keeps a float copy per layer) and the layers' own;
+- of the layers' own, the keys/values all-gathered at attention (kept whole on every rank; computed,
+  not measured);
 - peak resident memory (ru_maxrss) of the process, and how much it grew during the timed steps;
 - the median step time.
 The step-time ratio CP = 2 / CP = 1 is measured in one run on the same machine; CPU collectives go
@@ -60,16 +63,19 @@ def worker(args) -> None:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     sizes = model.spec.model
     rows = objective.positions.numel()
+    vocab = model.spec.padded_vocab_size
     # Keys and values of all rows, fp32, every layer: what attention keeps whole on each CP rank.
     kv_bytes = sizes.num_layers * rows * 2 * sizes.hidden_size * 4 if cp > 1 else 0
 
     def step(measure: bool) -> dict:
-        saved: dict[int, int] = {}
+        saved: dict[int, tuple[str, int]] = {}
 
         def pack(t: torch.Tensor):
             storage = t.untyped_storage()
             if storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
+                width = t.shape[-1] if t.dim() else 0
+                kind = "output" if width == vocab else "mask" if t.dim() == 2 and width == rows else "layers"
+                saved[storage.data_ptr()] = (kind, storage.nbytes())
             return t
 
         model.zero_grad(set_to_none=True)
@@ -83,7 +89,8 @@ def worker(args) -> None:
         if cp > 1:
             for p in model.parameters():
                 dist.all_reduce(p.grad, group=gradient_group())
-        return {"seconds": time.perf_counter() - start, "saved": sum(saved.values()), "kv": kv_bytes}
+        parts = {kind: sum(n for k, n in saved.values() if k == kind) for kind in ("output", "mask", "layers")}
+        return {"seconds": time.perf_counter() - start, "saved": sum(parts.values()), **parts, "kv": kv_bytes}
 
     step(measure=False)  # warm-up
     before = _rss_gib()
@@ -92,6 +99,7 @@ def worker(args) -> None:
     report = {
         "rank": dist.get_rank(),
         "saved_gib": measured["saved"] / 2**30,
+        **{f"{kind}_gib": measured[kind] / 2**30 for kind in ("output", "mask", "layers")},
         "gathered_kv_gib": measured["kv"] / 2**30,
         "peak_rss_gib": _rss_gib(),
         "rss_growth_gib": _rss_gib() - before,
@@ -137,14 +145,16 @@ def main() -> None:
         runs = {cp: launch(cp, args, Path(tmp) / f"cp{cp}.json") for cp in (1, 2)}
     print(f"{args.preset} model, L={args.seq_len} (x_t ⊕ x: {2 * args.seq_len} rows), L'={args.block_size}, micro-batch 1, "
           f"fp32, SDPA, {args.threads} thread(s) per process")  # fmt: skip
-    print(f"{'CP':>3} {'rank':>4} {'activations GiB':>16} {'of which gathered K/V':>22} {'peak RSS GiB':>13} "
-          f"{'RSS growth GiB':>15} {'step s':>8}")  # fmt: skip
+    print(f"{'CP':>3} {'rank':>4} {'activations GiB':>16} {'output layer':>13} {'SDPA mask':>10} {'layers':>7} "
+          f"{'of which gathered K/V':>22} {'peak RSS GiB':>13} {'RSS growth GiB':>15} {'step s':>8}")  # fmt: skip
     for cp, reports in runs.items():
         for r in reports:
-            print(f"{cp:>3} {r['rank']:>4} {r['saved_gib']:>16.3f} {r['gathered_kv_gib']:>22.3f} {r['peak_rss_gib']:>13.3f} "
+            print(f"{cp:>3} {r['rank']:>4} {r['saved_gib']:>16.3f} {r['output_gib']:>13.3f} {r['mask_gib']:>10.3f} "
+                  f"{r['layers_gib']:>7.3f} {r['gathered_kv_gib']:>22.3f} {r['peak_rss_gib']:>13.3f} "
                   f"{r['rss_growth_gib']:>15.3f} {r['step_s']:>8.2f}")  # fmt: skip
     one, two = runs[1][0], max(runs[2], key=lambda r: r["step_s"])
-    print(f"activations per rank CP=2 / CP=1: {max(r['saved_gib'] for r in runs[2]) / one['saved_gib']:.3f}")
+    for key, what in (("saved_gib", "activations"), ("layers_gib", "the layers' activations")):
+        print(f"{what} per rank CP=2 / CP=1: {max(r[key] for r in runs[2]) / one[key]:.3f}")
     print(f"step time CP=2 / CP=1: {two['step_s'] / one['step_s']:.3f} (slowest rank; gloo on CPU)")
 
 
