@@ -161,7 +161,7 @@ def test_a_checkpoint_resumes_across_context_parallel_sizes_and_the_guard_skips_
         [*args, *cp1, f"run.out_dir={tmp_path / 'cp1'}"],
         [*args, *cp1, f"run.out_dir={tmp_path / 'cp2-then-cp1'}", f"train.resume={tmp_path / 'cp2' / step2}"],
         [*args, *cp2, f"run.out_dir={tmp_path / 'cp1-then-cp2'}", f"train.resume={tmp_path / 'cp1' / step2}"],
-        {"argv": [*args, *cp2, "train.save_interval=1", f"run.out_dir={tmp_path / 'nan'}"], "fault": "nan_loss:step=2:rank=1", "exit": 0},
+        {"argv": [*args, *cp2, "train.save_interval=1", "train.keep_last=3", f"run.out_dir={tmp_path / 'nan'}"], "fault": "nan_loss:step=2:rank=1", "exit": 0},
     ]  # fmt: skip
     _train_jobs(launch, jobs, 2, tmp_path)
     for key in ("loss", "grad_norm"):
