@@ -6,6 +6,9 @@
 #   SAD3       the sad3 executable                                (default: .venv/bin/sad3, else sad3)
 #   DRY_RUN=1  print each stage's resolved plan instead of training
 #   SCHEDULE_SEARCH  elbo | grad | off: the finetune stages' (beta, omega) search   (default elbo)
+#   TENSOR_PARALLEL, CONTEXT_PARALLEL, ZERO_STAGE   parallel.tensor_parallel / context_parallel / zero_stage
+#              of every stage (unset: the config's); CONTEXT_PARALLEL=C splits the rows of x_t ⊕ x over C
+#              ranks (docs/context-parallel.md)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -30,9 +33,18 @@ world_size() {
   esac
 }
 
+# The parallel layout the environment asks for, as overrides.
+layout_overrides() {
+  [[ -n "${TENSOR_PARALLEL:-}" ]] && echo "parallel.tensor_parallel=$TENSOR_PARALLEL"
+  [[ -n "${CONTEXT_PARALLEL:-}" ]] && echo "parallel.context_parallel=$CONTEXT_PARALLEL"
+  [[ -n "${ZERO_STAGE:-}" ]] && echo "parallel.zero_stage=$ZERO_STAGE"
+  return 0
+}
+
 # run_stage CONFIG [--stage NAME] [section.key=value ...]
 run_stage() {
   local config="$1"; shift
+  set -- "$@" $(layout_overrides)
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     "$SAD3" train "$config" "$@" --dry-run --world-size "$(world_size)"
     return

@@ -81,6 +81,7 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     zero_stage: int = 0
     sequence_parallel: bool = False  # split norms, dropout and residuals along the sequence across TP ranks
+    context_parallel: int = 1  # split the rows of x_t ⊕ x across this many ranks (docs/context-parallel.md)
 
 
 @dataclass
@@ -460,6 +461,36 @@ def _validate_parallel(cfg: Config) -> None:
     if p.pipeline_parallel > 1 and p.zero_stage > 1:
         raise Sad3Error(
             f"parallel.pipeline_parallel={p.pipeline_parallel} allows ZeRO stage 0 or 1 (DeepSpeed's pipeline engine): set parallel.zero_stage=1"
+        )
+    _validate_context_parallel(cfg)
+
+
+def _validate_context_parallel(cfg: Config) -> None:
+    """Each CP rank takes 2 of 2C equal chunks of every half of the input (model/context_parallel.py)."""
+    p, m, d = cfg.parallel, cfg.model, cfg.diffusion
+    cp = p.context_parallel
+    if cp < 1:
+        raise Sad3Error(f"parallel.context_parallel must be at least 1, got {cp}")
+    if cp == 1:
+        return
+    if p.pipeline_parallel > 1:
+        raise Sad3Error("parallel.context_parallel > 1 does not run with pipeline stages: set parallel.pipeline_parallel=1")
+    if d.objective == "sedd":
+        raise Sad3Error("diffusion.objective=sedd reads full-vocabulary logits of every row: set parallel.context_parallel=1")
+    if d.mask_embedding_noise > 0:  # the hook draws per [MASK] occurrence among a rank's rows, not the whole pass's
+        raise Sad3Error(
+            "diffusion.mask_embedding_noise draws its noise over each rank's rows, so a context-parallel step would "
+            "not be the unsplit one: set diffusion.mask_embedding_noise=0 or parallel.context_parallel=1"
+        )
+    if m.seq_len % (2 * cp):
+        raise Sad3Error(
+            f"parallel.context_parallel={cp} cuts each half of the sequence into {2 * cp} chunks: "
+            f"model.seq_len={m.seq_len} must be a multiple of {2 * cp}"
+        )
+    if p.sequence_parallel and (m.seq_len // cp) % p.tensor_parallel:
+        raise Sad3Error(
+            f"parallel.sequence_parallel splits each CP rank's rows across TP ranks: model.seq_len / context_parallel "
+            f"= {m.seq_len // cp} must be a multiple of parallel.tensor_parallel={p.tensor_parallel}"
         )
 
 

@@ -225,7 +225,7 @@ def test_a_new_global_batch_is_said_in_one_line_and_a_new_model_shape_is_refused
     assert "step_0000004" in info and "format: layout-free; intact: yes" in info, info
     assert "step 4, tokens 384" in info and "data position: sequence 12 of the training order (token 384)" in info
     assert "written on: world 1 = TP 1 × PP 1 × DP 1, ZeRO-0; global batch 2" in info
-    assert "resume on another layout: any DP size, ZeRO stage 0-3, TP, PP and sequence parallelism" in info
+    assert "resume on another layout: any DP size, ZeRO stage 0-3, TP, PP, sequence and context parallelism" in info
 
     code = main(["train", *SMALL, "train.steps=6", "model.hidden_size=64", f"run.out_dir={run}"])
     err = capsys.readouterr().err.strip()

@@ -3,6 +3,8 @@ run them on a GPU with `python -m pytest -q -m gpu tests`.
 
 - FlexAttention's compiled forward and backward under the block-diffusion masks, against SDPA in
   float64 on the same dense mask;
+- context parallelism's kernels: each CP rank's rows against all keys on Flex, under a `RowsMask`
+  whose BlockMask captures index tensors, put back together against the unsplit attention;
 - the whole vectorized x_t ⊕ x pass on Flex, against the naive Alg. 1 loop on SDPA;
 - fp8 GEMMs through cuBLAS `_scaled_mm`, against the quantize–dequantize reference in float64.
 """
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from sad3_megatron.core.attention import attend
-from sad3_megatron.core.masks import AttentionMask
+from sad3_megatron.core.masks import AttentionMask, DocumentMask, RowsMask
 from sad3_megatron.core.objectives import BlockDiffusionObjective
 from sad3_megatron.core.schedules import make_schedule
 from sad3_megatron.model.fp8 import E4M3, E5M2, Fp8Linear, require_fp8
@@ -54,6 +56,48 @@ def test_flex_forward_and_backward_equal_float64_sdpa(rel, name, dtype, toleranc
     assert rel(out, ref) < tolerance
     for got, want in zip(grads, ref_grads, strict=True):
         assert rel(got, want) < tolerance
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_context_parallel_ranks_on_flex_together_equal_the_unsplit_attention(rel, documents):
+    """CP = 2 at L = 256, L' = 4: each rank attends with its zig-zag rows to every key in gather order on
+    compiled Flex, under a RowsMask (the BlockMask's mask_mod captures the index tensors, and the
+    document ids). The ranks' outputs, put back in place, and the sum of their gradients equal float64
+    SDPA over the unsplit 2L × 2L mask (with documents, the DocumentMask of the packed rows); the
+    noisy rows the last layer keeps (a BlockMask of their own) equal those rows of the unsplit pass."""
+    from sad3_megatron.model.context_parallel import RowLayout
+
+    L, cp = 256, 2
+    unsplit, ids = AttentionMask.doubled(L, 4), None
+    if documents:  # two rows of four packed documents each, boundaries off the blocks and the tiles
+        doc = torch.bucketize(torch.arange(L), torch.tensor([37, 130, 201]))
+        ids = torch.stack([doc, doc.flip(0)]).repeat(1, 2).cuda()
+    reference_mask = unsplit if ids is None else DocumentMask(unsplit, ids)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 2 * L, 64, device="cuda", generator=g).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(2, 4, 2 * L, 64, device="cuda", generator=g)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attend(*ref_in, reference_mask, "sdpa")
+    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.double())
+
+    layouts = [RowLayout(2 * L, L, cp, rank) for rank in range(cp)]
+    outs, lasts = [], []
+    for layout in layouts:
+        rows, keys = layout.local.cuda(), layout.keys.cuda()
+        mask = RowsMask(unsplit, rows, keys, ids)
+        outs.append(attend(q[:, :, rows], k[:, :, keys], v[:, :, keys], mask, "flex"))
+        with torch.no_grad():
+            keep = mask.first_rows(layout.keep)
+            lasts.append(attend(q[:, :, rows[: layout.keep]], k[:, :, keys], v[:, :, keys], keep, "flex"))
+    order = torch.cat([layout.local for layout in layouts]).cuda()
+    assert sorted(order.tolist()) == list(range(2 * L))  # the ranks hold every row once
+    out = torch.cat(outs, dim=2)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out[:, :, order])
+    assert rel(out, ref[:, :, order]) < FP32[1]
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert rel(got, want) < FP32[1]
+    noisy = torch.cat([layout.local[: layout.keep] for layout in layouts]).cuda()
+    assert rel(torch.cat(lasts, dim=2), ref[:, :, noisy]) < FP32[1]  # attention is row by row
 
 
 @pytest.mark.parametrize("block_size", [4, 16])

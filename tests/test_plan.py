@@ -83,3 +83,35 @@ def test_activation_checkpointing_shrinks_the_activation_estimate():
         activations[mode] = make_plan(cfg, 8, 50258).memory_gib["activations"]
     assert activations["none"] > activations["selective"] > activations["full"] > 0
     assert activations["selective"] / activations["none"] == pytest.approx(20 / 34)
+
+
+def test_context_parallel_splits_the_rows_but_not_the_gathered_keys_and_values():
+    """CP = 2 on 16 GPUs is DP = 8; ZeRO-3 partitions over all 16 as with DP = 16; a layer keeps
+    (30/C + 4)·sbh of its 34·sbh (the keys/values attention keeps are those of all rows); the logits
+    are of this rank's scored rows."""
+    base = ["model.preset=small", "model.seq_len=4096", "train.micro_batch_size=1", "parallel.zero_stage=3"]
+    one = make_plan(load_config("configs/owt.yaml", base, stage="finetune"), 16, 50258)
+    two = make_plan(load_config("configs/owt.yaml", [*base, "parallel.context_parallel=2"], stage="finetune"), 16, 50258)
+    assert (one.dp, two.dp, two.cp) == (16, 8, 2)
+    assert "world size 16 = TP 1 × CP 2 × PP 1 × DP 8" in two.lines()[0]
+    for part in ("weights", "grads", "adam", "ema"):
+        assert two.memory_gib[part] == pytest.approx(one.memory_gib[part])
+    assert two.memory_gib["activations"] / one.memory_gib["activations"] == pytest.approx((30 / 2 + 4) / 34)
+    assert two.memory_gib["logits"] == pytest.approx(one.memory_gib["logits"] / 2)
+
+
+def test_the_longest_context_doubles_about_with_context_parallelism_under_full_checkpointing():
+    from sad3_megatron.engine.plan import longest_context, memory_estimate, parameter_count
+
+    longest = {}
+    for cp in (1, 2):
+        overrides = ["model.preset=small", "train.activation_checkpointing=full", "parallel.zero_stage=3",
+                     "model.loss_chunk_tokens=4096", f"parallel.context_parallel={cp}"]  # fmt: skip
+        cfg = load_config("configs/owt.yaml", overrides, stage="finetune")
+        longest[cp] = longest_context(cfg, 80.0, 50258)
+        for seq_len, fits in ((longest[cp], True), (longest[cp] + 1024, False)):  # the boundary of the estimate
+            trial = load_config("configs/owt.yaml", [*overrides, f"model.seq_len={seq_len}", "train.micro_batch_size=1"],
+                                stage="finetune")  # fmt: skip
+            total = memory_estimate(trial, parameter_count(trial, 50258), 1, vocab_size=50258)["total"]
+            assert (total <= 80.0) == fits, (cp, seq_len)
+    assert 1.7 < longest[2] / longest[1] <= 2.0

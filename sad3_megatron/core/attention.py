@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Sad3Error
-from .masks import AttentionMask, DocumentMask
+from .masks import AttentionMask, DocumentMask, RowsMask
 from .model_config import AttentionBackend
 
 BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
@@ -68,7 +68,7 @@ def _grouped(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def _sdpa(q, k, v, mask):
-    if isinstance(mask, DocumentMask):
+    if isinstance(mask, (DocumentMask, RowsMask)):
         dense = mask.memo("dense", q.device, lambda: mask.dense(q.device))  # once per micro-batch
         return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=_grouped(q, k))
     attn_mask = None if mask is None else _dense_mask(mask, str(q.device))
@@ -80,14 +80,15 @@ def _flex(q, k, v, mask):
 
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise Sad3Error("FlexAttention has no backward on CPU: train with attention_backend=sdpa")
-    if isinstance(mask, DocumentMask):  # depends on the batch: built once per micro-batch, shared by the layers
+    if isinstance(mask, (DocumentMask, RowsMask)):  # built once per micro-batch, shared by the layers
         from torch.nn.attention.flex_attention import create_block_mask
 
+        batch = None if getattr(mask, "document_ids", None) is None else q.shape[0]  # RowsMask: per rank
         block_mask = mask.memo(
             "flex",
             q.device,
             lambda: create_block_mask(
-                mask.mask_mod(), q.shape[0], None, mask.q_len, mask.kv_len, device=str(q.device),
+                mask.mask_mod(), batch, None, mask.q_len, mask.kv_len, device=str(q.device),
                 BLOCK_SIZE=FLEX_BLOCK_SIZE,
             ),
         )  # fmt: skip
@@ -158,7 +159,11 @@ _KERNELS = {"sdpa": _sdpa, "flex": _flex, "flash": _flash}
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | DocumentMask | None, backend: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask | DocumentMask | RowsMask | None,
+    backend: str,
 ) -> torch.Tensor:
     """softmax(q kᵀ / √d + mask) v with the named kernel; q/k/v are [b, h, s, d]."""
     if mask is not None and (mask.q_len, mask.kv_len) != (q.shape[2], k.shape[2]):

@@ -11,7 +11,8 @@ Every other mask the project needs is a window of this one, so all backends (den
 FlexAttention BlockMask, the KV-cache sampler, the HF export) share this single definition:
 
 - the clean stream alone (the naive Alg. 1 reference, and no-cache sampling): the M_BC quadrant;
-- the plain causal mask of the AR baseline: the M_BC quadrant with L' = 1.
+- the plain causal mask of the AR baseline: the M_BC quadrant with L' = 1;
+- one context-parallel rank's rows against every rank's keys (`RowsMask`): any window, any rows.
 
 `clean_block_size` generalizes M_BC for the adaptation recipes (docs/adaptation.md): the clean half
 attends block-causally over blocks of that size, L' by default (the paper's M_BC) or 1 (a token-causal
@@ -130,8 +131,21 @@ def doubled_positions(seq_len: int, device: torch.device | str = "cpu") -> torch
     return torch.cat([pos, pos])
 
 
+class _BuiltOnce:
+    """What a batch-dependent mask shares between the layers: the dense matrix or BlockMask built for it
+    (and for its `first_rows` windows) on first use, kept in the mask's `built` dict, which the
+    windows share. Subclasses are dataclasses with a `built` field and q_len / kv_len."""
+
+    def memo(self, kind: str, device: torch.device | str, build: Callable[[], object]):
+        """What `build` makes for this window on `device`, built on first use and then shared."""
+        key = (kind, self.q_len, self.kv_len, str(device))
+        if key not in self.built:
+            self.built[key] = build()
+        return self.built[key]
+
+
 @dataclass(frozen=True, eq=False)
-class DocumentMask:
+class DocumentMask(_BuiltOnce):
     """Mask(L, L') AND "same document", for packed rows that keep attention inside documents.
 
     `document_ids` [b, kv_len] labels every key position of the window (for the doubled sequence,
@@ -160,13 +174,6 @@ class DocumentMask:
     def first_rows(self, n: int) -> DocumentMask:
         return DocumentMask(self.base.first_rows(n), self.document_ids, self.built)
 
-    def memo(self, kind: str, device: torch.device | str, build: Callable[[], object]):
-        """What `build` makes for this window on `device`, built on first use and then shared."""
-        key = (kind, self.q_len, self.kv_len, str(device))
-        if key not in self.built:
-            self.built[key] = build()
-        return self.built[key]
-
     def mask_mod(self) -> MaskMod:
         base, ids = self.base.mask_mod(), self.document_ids
 
@@ -185,3 +192,60 @@ class DocumentMask:
 def document_window_ids(document_ids: torch.Tensor, doubled: bool) -> torch.Tensor:
     """Per-position document labels of a row, laid out like the model input (x_t ⊕ x when doubled)."""
     return torch.cat([document_ids, document_ids], dim=1) if doubled else document_ids
+
+
+@dataclass(frozen=True, eq=False)
+class RowsMask(_BuiltOnce):
+    """A window of Mask(L, L') whose queries and keys sit at arbitrary positions of `base`'s window:
+    query i is position q_rows[i], key j is position kv_rows[j] (and, with `document_ids`, both must
+    also be in the same document). Context parallelism (model/context_parallel.py) gives each rank
+    its own rows as queries and every rank's rows, in the order the keys arrive, as keys.
+
+    Positions past the end of `base`'s window extend it by the same formula: the AR baseline's L-1
+    rows padded to L make the pad row the last row of the causal mask over L, which no other row sees.
+    `document_ids` [b, n] label `base`'s positions (as DocumentMask's do). Built per micro-batch (or
+    once, without documents); the dense matrix or BlockMask is kept in `built` and shared by the layers."""
+
+    base: AttentionMask
+    q_rows: torch.Tensor  # [q_len] long, positions in base's query range
+    kv_rows: torch.Tensor  # [kv_len] long, positions in base's key range
+    document_ids: torch.Tensor | None = None
+    built: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def q_len(self) -> int:
+        return self.q_rows.numel()
+
+    @property
+    def kv_len(self) -> int:
+        return self.kv_rows.numel()
+
+    @property
+    def is_causal(self) -> bool:
+        return False
+
+    def first_rows(self, n: int) -> RowsMask:
+        return RowsMask(self.base, self.q_rows[:n], self.kv_rows, self.document_ids, self.built)
+
+    def mask_mod(self) -> MaskMod:
+        """Index tensors captured by the predicate: on GPU, FlexAttention's BlockMask is built over them."""
+        b0, q_rows, kv_rows, ids = self.base, self.q_rows, self.kv_rows, self.document_ids
+
+        def visible(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            q, kv = q_rows[q_idx], kv_rows[kv_idx]
+            seen = block_diffusion_visible(q + b0.q_offset, kv + b0.kv_offset, b0.seq_len, b0.block_size, b0.clean_block_size)
+            return seen if ids is None else seen & (ids[b, q] == ids[b, kv])
+
+        return visible
+
+    def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The boolean [q_len, kv_len] matrix, or [b, 1, q_len, kv_len] with document ids."""
+        q, kv = self.q_rows.to(device), self.kv_rows.to(device)
+        b0 = self.base
+        seen = block_diffusion_visible(
+            q[:, None] + b0.q_offset, kv[None, :] + b0.kv_offset, b0.seq_len, b0.block_size, b0.clean_block_size
+        )
+        if self.document_ids is None:
+            return seen
+        ids = self.document_ids.to(device)
+        return (seen & (ids[:, q, None] == ids[:, None, kv]))[:, None]

@@ -84,14 +84,16 @@ def qk_norms(m: ModelConfig) -> tuple[nn.Module | None, nn.Module | None]:
 
 def attention_core(
     qkv: torch.Tensor, rope, mask: AttentionMask | None, past: KV | None, keep: int, head_dim: int, backend: str,
-    groups: int = 1, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
+    groups: int = 1, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, gather_kv=None,
 ) -> tuple[torch.Tensor, KV]:  # fmt: skip
     """Attention over projected qkv [s, b, kv_heads·(groups + 2)·head_dim]: per key/value group, its
     `groups` query heads, its key head and its value head (megatron-core's linear_qkv layout).
 
     Queries are kept for the first `keep` rows only; keys/values of all s rows are returned
     (rotated, [b, kv_heads, s, head_dim]) and attend after the cached prefix `past`. QK-norm (Qwen3)
-    normalizes every query and key head before rotary. Returns the merged heads
+    normalizes every query and key head before rotary. `gather_kv(k, v, mask)`, when given, turns
+    the rotated keys/values [s, b, kv_heads, d] of these rows into those the mask's keys name (context
+    parallelism gathers every rank's). Returns the merged heads
     [keep, b, heads·head_dim] and this call's K/V."""
     s, b = qkv.shape[:2]
     q, k, v = qkv.view(s, b, -1, (groups + 2) * head_dim).split([groups * head_dim, head_dim, head_dim], dim=-1)
@@ -99,6 +101,8 @@ def attention_core(
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    if gather_kv is not None:
+        k, v = gather_kv(k, v, mask)
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q[:keep], k, v))  # -> [b, heads, s, d]
     new_kv = (k, v)
     if past is not None:
@@ -148,9 +152,14 @@ class Attention(nn.Module):
 
     project = staticmethod(_call)  # how a linear layer is applied (megatron's return (output, bias))
 
+    def gather_kv(self, k: torch.Tensor, v: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values the mask's columns name, from those of this call's rows: the same ones here
+        (the megatron model gathers them across context-parallel ranks for a RowsMask)."""
+        return k, v
+
     def forward(self, h, rope, mask: AttentionMask | None, past: KV | None, keep: int) -> tuple[torch.Tensor, KV]:
         out, kv = attention_core(self.project(self.qkv, h), rope, mask, past, keep, self.head_dim, self.backend,
-                                 self.groups, self.q_norm, self.k_norm)  # fmt: skip
+                                 self.groups, self.q_norm, self.k_norm, self.gather_kv)  # fmt: skip
         return self.project(self.proj, out), kv
 
 

@@ -38,7 +38,8 @@ def build_components(
     cfg: Config, device: torch.device | None = None, backend: str | None = None, with_model: bool = True
 ) -> Components:
     device = device or resolve_device(cfg.train.device)
-    init_distributed(device, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+    p = cfg.parallel
+    init_distributed(device, p.tensor_parallel, p.pipeline_parallel, p.context_parallel)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     backend = resolve_backend(backend or cfg.model.attention_backend, device)
     autoregressive = objective_entry(cfg.diffusion.objective).autoregressive

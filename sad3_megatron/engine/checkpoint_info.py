@@ -63,8 +63,9 @@ def _layout_line(layout: dict | None) -> str:
     if not layout:
         return "not recorded"
     sp = ", sequence parallel" if layout.get("sequence_parallel") else ""
+    cp = f" × CP {layout['context_parallel']}" if layout.get("context_parallel", 1) > 1 else ""
     return (
-        f"world {layout['world_size']} = TP {layout['tensor_parallel']} × PP {layout['pipeline_parallel']} × "
+        f"world {layout['world_size']} = TP {layout['tensor_parallel']}{cp} × PP {layout['pipeline_parallel']} × "
         f"DP {layout['data_parallel']}{sp}, ZeRO-{layout['zero_stage']}; global batch {layout['global_batch']} = "
         f"micro {layout['micro_batch_size']} × accumulation {layout['grad_accum_steps']} × DP {layout['data_parallel']}"
     )
@@ -104,7 +105,7 @@ def info_lines(info: dict) -> list[str]:
         f"  data position: sequence {rows:,} of the training order (token {rows * m['seq_len']:,}), "
         f"global batch {data.get('global_batch')}",
         f"  written on: {_layout_line(layout)}",
-        "  resume on another layout: any DP size, ZeRO stage 0-3, TP, PP and sequence parallelism; the weights, "
+        "  resume on another layout: any DP size, ZeRO stage 0-3, TP, PP, sequence and context parallelism; the weights, "
         "Adam moments and step count, LR schedule, EMA, noise schedule, data position and seeds carry over exactly "
         f"(each rank reads its slice of the whole tensors); a global batch other than {data.get('global_batch')} "
         f"goes on from sequence {rows:,}; another model shape or tokenizer is refused",

@@ -20,8 +20,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(device: torch.device, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
-    """Initialise torch.distributed and megatron-core's parallel state once per process."""
+def init_distributed(
+    device: torch.device, tensor_parallel: int = 1, pipeline_parallel: int = 1, context_parallel: int = 1
+) -> None:
+    """Initialise torch.distributed and megatron-core's parallel state once per process. Ranks are laid
+    out TP fastest, then CP, then DP (megatron's tp-cp-ep-dp-pp order)."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(
@@ -39,7 +42,17 @@ def init_distributed(device: torch.device, tensor_parallel: int = 1, pipeline_pa
         # DeepSpeed's communication layer wraps the same group: its PipelineModule needs it at build time.
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
+        world = dist.get_world_size()
+        if world % (tensor_parallel * pipeline_parallel * context_parallel):
+            from sad3_megatron.core.errors import Sad3Error
+
+            raise Sad3Error(
+                f"world size {world} is not divisible by TP × PP × CP = {tensor_parallel} × {pipeline_parallel} × "
+                f"{context_parallel}: change the process count or the parallel sizes"
+            )
+        parallel_state.initialize_model_parallel(
+            tensor_parallel, pipeline_parallel, context_parallel_size=context_parallel
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,7 +74,20 @@ def rank() -> int:
 
 
 def data_parallel_info() -> tuple[int, int]:
-    """(rank, size) of this process in the data-parallel group."""
+    """(rank, size) of this process in the data-parallel group: the ranks that read different rows
+    (context-parallel ranks read the same rows and split them)."""
     if not parallel_state.model_parallel_is_initialized():
         return 0, 1
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def context_parallel_info() -> tuple[int, int]:
+    """(rank, size) of this process in the context-parallel group."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return parallel_state.get_context_parallel_rank(), parallel_state.get_context_parallel_world_size()
+
+
+def gradient_group():
+    """The ranks DeepSpeed averages gradients over and ZeRO partitions over: data × context parallel."""
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)

@@ -29,12 +29,15 @@ class Plan:
     fits: dict[int, int] | None = None  # ZeRO stage -> largest micro-batch within `gpu_memory_gib`
     gpu_memory_gib: float = 80.0
     activation_checkpointing: str = "none"
+    cp: int = 1
 
     def lines(self) -> list[str]:
         mem = ", ".join(f"{k} {v:.2f}" for k, v in self.memory_gib.items())
+        cp = f" × CP {self.cp}" if self.cp > 1 else ""
         return [
-            f"world size {self.world_size} = TP {self.tp} × PP {self.pp} × DP {self.dp}"
-            + (" (sequence parallel within TP)" if self.sequence_parallel else ""),
+            f"world size {self.world_size} = TP {self.tp}{cp} × PP {self.pp} × DP {self.dp}"
+            + (" (sequence parallel within TP)" if self.sequence_parallel else "")
+            + (" (ZeRO partitions over DP × CP)" if self.cp > 1 else ""),
             f"batch: micro {self.micro_batch} × grad-accum {self.grad_accum} × DP {self.dp} = global {self.global_batch} sequences",
             f"steps {self.steps:,}; tokens {self.tokens:,} ({self.tokens / 1e9:.2f}B)",
             f"parameters {self.parameters:,} ({self.parameters / 1e6:.1f}M)",
@@ -110,11 +113,12 @@ def activation_bytes_per_token(m, mode: str) -> tuple[float, float]:
 
 def make_plan(cfg: Config, world_size: int, vocab_size: int, gpu_memory_gib: float = 80.0) -> Plan:
     p, t, m = cfg.parallel, cfg.train, cfg.model
-    if world_size % (p.tensor_parallel * p.pipeline_parallel):
+    if world_size % (p.tensor_parallel * p.pipeline_parallel * p.context_parallel):
         raise Sad3Error(
-            f"world size {world_size} is not divisible by TP × PP = {p.tensor_parallel} × {p.pipeline_parallel}"
+            f"world size {world_size} is not divisible by TP × PP × CP = {p.tensor_parallel} × {p.pipeline_parallel} × "
+            f"{p.context_parallel}"
         )
-    dp = world_size // (p.tensor_parallel * p.pipeline_parallel)
+    dp = world_size // (p.tensor_parallel * p.pipeline_parallel * p.context_parallel)
     accum = gradient_accumulation(cfg, dp)
     global_batch = t.micro_batch_size * accum * dp
     params = parameter_count(cfg, vocab_size)
@@ -122,7 +126,7 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int, gpu_memory_gib: flo
     return Plan(
         world_size, p.tensor_parallel, p.pipeline_parallel, dp, t.micro_batch_size, accum, global_batch,
         t.steps, t.steps * global_batch * m.seq_len, params, memory_estimate(cfg, params, dp, accum, vocab_size),
-        p.sequence_parallel, fits, gpu_memory_gib, t.activation_checkpointing,
+        p.sequence_parallel, fits, gpu_memory_gib, t.activation_checkpointing, p.context_parallel,
     )  # fmt: skip
 
 
@@ -146,38 +150,55 @@ def largest_micro_batch(
     return low
 
 
+def activation_bytes_per_sbh(m, mode: str, tp: int, sequence_parallel: bool, cp: int) -> float:
+    """16-bit bytes one layer keeps for backward per (row × sample × hidden unit) of the whole input
+    (activation_bytes_per_token): its TP-split part divided by TP and, with sequence parallelism, the
+    replicated part too (the DiT block: 10 + 24/TP, 34·sbh at TP = 1).
+
+    Context parallelism divides all of it by C, except the keys and values attention keeps for
+    backward (2 · 2 · kv_heads · head_dim / hidden per sbh, split by TP): they are the gathered ones of
+    all rows, so the DiT block keeps (30/C + 4)·sbh (TP = 1, no checkpointing). Checkpointing
+    recomputes the gather instead of keeping it."""
+    replicated, split = activation_bytes_per_token(m, mode)
+    local = (replicated + split) / tp if sequence_parallel else replicated + split / tp
+    keys_values = 4 * m.num_kv_heads * m.head_dim / m.hidden_size / tp
+    gathered = keys_values * (1 - 1 / cp) if mode == "none" else 0.0
+    return local / cp + gathered
+
+
 def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1, vocab_size: int = 0) -> dict[str, float]:
-    """Bytes per GPU: fp32 weights, gradients and Adam moments (ZeRO shards them over DP from stage
-    3, 2 and 1 on), the fp32 EMA, activations of one micro-batch of the doubled sequence, and the
-    output layer's fp32 logits with the cross-entropy's saved softmax (on the last pipeline stage)."""
+    """Bytes per GPU: fp32 weights, gradients and Adam moments (ZeRO shards them over DP × CP from
+    stage 3, 2 and 1 on), the fp32 EMA, activations of one micro-batch of the doubled sequence (this
+    rank's rows under context parallelism), and the output layer's fp32 logits with the
+    cross-entropy's saved softmax (on the last pipeline stage; one chunk with model.loss_chunk_tokens)."""
     p, m = cfg.parallel, cfg.model
     model_parallel = p.tensor_parallel * p.pipeline_parallel
     local = params / model_parallel
-    z = p.zero_stage
-    weights = 4 * local / (dp if z >= 3 else 1)
-    grads = 4 * local / (dp if z >= 2 else 1)
-    adam = 8 * local / (dp if z >= 1 else 1)
-    ema = 4 * local / (dp if z >= 3 else 1) if cfg.train.ema_decay > 0 else 0.0  # partitioned like the weights
+    z, shards, cp = p.zero_stage, dp * p.context_parallel, p.context_parallel
+    weights = 4 * local / (shards if z >= 3 else 1)
+    grads = 4 * local / (shards if z >= 2 else 1)
+    adam = 8 * local / (shards if z >= 1 else 1)
+    ema = 4 * local / (shards if z >= 3 else 1) if cfg.train.ema_decay > 0 else 0.0  # partitioned like the weights
     sizes = m.resolved()
     objective = build_objective(cfg.diffusion, m.seq_len, mask_id=0)  # only its layout is read
     s = objective.positions.numel()  # rows of the transformer input: 2L for x_t ⊕ x
     b, h, layers = cfg.train.micro_batch_size * objective.copies, sizes.hidden_size, sizes.num_layers
     half_precision = cfg.train.precision != "fp32"
-    # Per layer, bytes kept for backward in 16-bit (activation_bytes_per_token); sequence parallelism
-    # splits the replicated part too. Full checkpointing keeps each layer's input, plus one layer's
-    # whole working set while it recomputes.
-    t = p.tensor_parallel
-    replicated, split = activation_bytes_per_token(sizes, cfg.train.activation_checkpointing)
-    bytes_per_sbh = (replicated + split) / t if p.sequence_parallel else replicated + split / t
-    per_layer = s * b * h * bytes_per_sbh * (1 if half_precision else 2)
-    whole_r, whole_s = activation_bytes_per_token(sizes, "none")
-    whole = (whole_r + whole_s) / t if p.sequence_parallel else whole_r + whole_s / t
-    recompute = s * b * h * whole if cfg.train.activation_checkpointing == "full" else 0.0
+    t, mode = p.tensor_parallel, cfg.train.activation_checkpointing
+    per_layer = s * b * h * activation_bytes_per_sbh(sizes, mode, t, p.sequence_parallel, cp) * (1 if half_precision else 2)
+    # Full checkpointing also holds one layer's whole working set while it recomputes.
+    working_set = activation_bytes_per_sbh(sizes, "none", t, p.sequence_parallel, cp)
+    recompute = s * b * h * working_set if mode == "full" else 0.0
     # 1F1B keeps up to PP micro-batches in flight on the first stage, each over layers/PP layers.
     in_flight = min(p.pipeline_parallel, grad_accum) if p.pipeline_parallel > 1 else 1
     activations = per_layer * layers / p.pipeline_parallel * in_flight + recompute * (1 if half_precision else 2)
-    outputs = objective.num_outputs
-    logits = b * outputs * sizes.table_rows(vocab_size, t) / t * (4 + 4)  # fp32 logits, and the softmax the loss keeps
+    scored = b * objective.num_outputs / cp
+    if m.loss_chunk_tokens:
+        scored = min(scored, m.loss_chunk_tokens)
+    logits = scored * sizes.table_rows(vocab_size, t) / t * (4 + 4)  # fp32 logits, and the softmax the loss keeps
+    # FlexAttention's BlockMask: int32 tile indices, partial and full, and their transposes for backward.
+    tiles = -(-s // (128 * cp)) * -(-s // 128)
+    block_mask = 4 * 4 * tiles * (b if cfg.data.packing == "document" else 1)
     return {
         "weights": weights / GIB,
         "grads": grads / GIB,
@@ -185,7 +206,8 @@ def memory_estimate(cfg: Config, params: int, dp: int, grad_accum: int = 1, voca
         "ema": ema / GIB,
         "activations": activations / GIB,
         "logits": logits / GIB,
-        "total": (weights + grads + adam + ema + activations + logits) / GIB,
+        "block_mask": block_mask / GIB,
+        "total": (weights + grads + adam + ema + activations + logits + block_mask) / GIB,
     }
 
 
@@ -203,3 +225,26 @@ def describe_plan(cfg: Config, world_size: int) -> list[str]:
         f"precision {cfg.train.precision}{fp8}"
     )
     return [head, *("  " + line for line in plan.lines())]
+
+
+def longest_context(cfg: Config, budget_gib: float, vocab_size: int, granule: int = 1024, limit: int = 1 << 22) -> int:
+    """The longest L (a multiple of `granule`, at most `limit`) whose estimated memory at micro-batch 1
+    fits `budget_gib` per GPU on TP × CP × PP GPUs (one data-parallel replica); 0 when none does."""
+    one_block = cfg.diffusion.block_size == cfg.model.seq_len  # MDLM stays MDLM at every L
+
+    def fits(seq_len: int) -> bool:
+        diffusion = replace(cfg.diffusion, block_size=seq_len) if one_block else cfg.diffusion
+        model = replace(cfg.model, seq_len=seq_len)
+        trial = replace(cfg, model=model, diffusion=diffusion, train=replace(cfg.train, micro_batch_size=1))
+        return memory_estimate(trial, parameter_count(trial, vocab_size), 1, vocab_size=vocab_size)["total"] <= budget_gib
+
+    if fits(limit):
+        return limit
+    low, high = 0, granule
+    while high < limit and fits(high):
+        low, high = high, 2 * high
+    high = min(high, limit)
+    while high - low > granule:  # fits(low) (or low = 0) and not fits(high)
+        mid = (low + high) // 2 // granule * granule
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low

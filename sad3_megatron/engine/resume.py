@@ -61,11 +61,12 @@ def layout(cfg: Config, dp: int, global_batch: int) -> dict:
     """How a run is split, as recorded in a checkpoint (for `sad3 checkpoint info`)."""
     p, t = cfg.parallel, cfg.train
     return {
-        "world_size": dp * p.tensor_parallel * p.pipeline_parallel,
+        "world_size": dp * p.tensor_parallel * p.pipeline_parallel * p.context_parallel,
         "data_parallel": dp,
         "tensor_parallel": p.tensor_parallel,
         "pipeline_parallel": p.pipeline_parallel,
         "sequence_parallel": p.sequence_parallel,
+        "context_parallel": p.context_parallel,
         "zero_stage": p.zero_stage,
         "micro_batch_size": t.micro_batch_size,
         "grad_accum_steps": t.grad_accum_steps,

@@ -45,7 +45,7 @@ from sad3_megatron.engine.checkpoint import (
     step_name,
 )
 from sad3_megatron.engine.consolidate import gather_tensor_parallel, model_tensors, shard_tensor_parallel
-from sad3_megatron.engine.distributed import data_parallel_info, rank
+from sad3_megatron.engine.distributed import context_parallel_info, data_parallel_info, gradient_group, rank
 from sad3_megatron.engine.ema import EMA
 from sad3_megatron.engine.flops import peak_tflops, training_flops_per_sequence
 from sad3_megatron.engine.guard import GuardedAdamW, StepGuard, injected_fault
@@ -70,6 +70,7 @@ from sad3_megatron.engine.schedule_search import ScheduleSearch
 from sad3_megatron.model.activation_checkpointing import apply_activation_checkpointing
 from sad3_megatron.model.build import build_model, model_parallel_config, prepare_tensor_parallel
 from sad3_megatron.model.compile import compile_layers
+from sad3_megatron.model.context_parallel import ContextParallelDenoiser
 from sad3_megatron.model.fp8 import enable_fp8, require_fp8
 
 
@@ -92,6 +93,13 @@ def step_seed(seed: int, step: int, slot: int) -> int:
     global batch (micro × dp_size + dp_rank), so any DP × accumulation split of the same global
     batch draws the same noise for the same rows."""
     return (seed * 1_000_003 + step) * 1_000_033 + slot
+
+
+def dropout_seed(seed: int, step: int, slot: int, cp_rank: int) -> int:
+    """Seed of the dropout masks of one micro-batch slot on one context-parallel rank: the slot's own
+    without CP; each CP rank drops on its own rows, so ranks get seeds of their own (with one seed,
+    their masks would repeat each other's pattern on different rows)."""
+    return (step_seed(seed, step, slot) + cp_rank * 0x9E3779B97F4A7C15) % 2**63
 
 
 def _peak_memory_per_rank() -> list[float]:
@@ -257,6 +265,7 @@ class Trainer:
         self.schedule: NoiseSchedule | None = getattr(self.objective, "schedule", None)  # AR: none
         self.pipeline_layers = self.spec.model.num_layers if self.pipelined else None
         self.dp_rank, self.dp_size = data_parallel_info()
+        self.cp_rank, self.cp_size = context_parallel_info()
         self.is_main = rank() == 0
         t.grad_accum_steps = gradient_accumulation(cfg, self.dp_size)  # from train.global_batch_size when set
         self.amp = autocast_dtype(t.precision, self.device)
@@ -268,6 +277,8 @@ class Trainer:
             check_same_model(read_config(self.resume_from), cfg, self.resume_from)
         self.engine, self.scheduler = self._build_engine(parts.tokenizer)
         self.mask_noise = self._mask_noise(parts.tokenizer.mask_id)
+        # What the objective runs: the engine, or under context parallelism this rank's rows of it.
+        self.denoiser = ContextParallelDenoiser(self.engine) if self.cp_size > 1 else self.engine
         self.search = None
         if cfg.diffusion.schedule_search != "off":
             self.search = ScheduleSearch.from_config(cfg, parallel_state.get_data_parallel_group())
@@ -289,7 +300,8 @@ class Trainer:
     def _build_engine(self, tokenizer):
         cfg, t, spec = self.cfg, self.cfg.train, self.spec
         ds_config = deepspeed_config(cfg, self.amp)
-        mpu = MegatronMPU() if cfg.parallel.tensor_parallel > 1 and not self.pipelined else None
+        parallel_ranks = cfg.parallel.tensor_parallel > 1 or self.cp_size > 1
+        mpu = MegatronMPU() if parallel_ranks and not self.pipelined else None
         sequence_parallel = cfg.parallel.sequence_parallel
         if self.pipelined:
             model = build_pipeline(spec, model_parallel_config(sequence_parallel), self.objective, cfg.run.seed)
@@ -298,11 +310,12 @@ class Trainer:
         else:
             # Under ZeRO-3 each layer's weights are partitioned as soon as it is built: no rank ever
             # holds the whole model, which is what lets the largest presets start at all. Partitioned
-            # over the data-parallel group only: over the world group, zero.Init would broadcast TP
-            # rank 0's shard of every parameter to the other TP ranks.
+            # over the data × context-parallel group, the one gradients are averaged over: over the
+            # world group, zero.Init would broadcast TP rank 0's shard of every parameter to the other
+            # TP ranks.
             with deepspeed.zero.Init(
                 config_dict_or_path=ds_config, mpu=mpu, mem_efficient_linear=False, enabled=self.zero3,
-                data_parallel_group=parallel_state.get_data_parallel_group(),
+                data_parallel_group=gradient_group(),
             ):
                 model = build_model(spec, self.device, sequence_parallel)
         if t.fp8:
@@ -382,7 +395,8 @@ class Trainer:
         print(
             f"sad3 train: {cfg.model.preset} model, {n_params / 1e6:.2f}M parameters, L={cfg.model.seq_len}, "
             f"objective={cfg.diffusion.objective}, L'={cfg.diffusion.block_size}, {len(self.corpus.train)} train / "
-            f"{len(self.corpus.val)} val sequences, device={self.device.type}, dp={self.dp_size}{resumed}",
+            f"{len(self.corpus.val)} val sequences, device={self.device.type}, dp={self.dp_size}"
+            f"{f', cp={self.cp_size}' if self.cp_size > 1 else ''}{resumed}",
             flush=True,
         )
         switches = adaptation_switches(cfg.diffusion)
@@ -431,22 +445,29 @@ class Trainer:
         # train_batch returns the mean over micro-batches and ranks
         return self.engine.train_batch(iter(batches)).detach() * t.grad_accum_steps
 
+    def micro_step(self, step: int, micro: int, poison: float = 1.0) -> torch.Tensor:
+        """Forward and backward of micro-batch `micro` of step `step` (0-based); returns its loss.
+
+        Under context parallelism every rank of the group reads the same rows and noise and runs its
+        share of them (model/context_parallel.py); the loss is the whole micro-batch's on each."""
+        slot = micro * self.dp_size + self.dp_rank
+        torch.manual_seed(dropout_seed(self.cfg.run.seed, step, slot, self.cp_rank))
+        x, document_ids, scored, generator = _micro_batch(self.corpus, self.cfg, step, slot, self.device, self.row_offset)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            terms = self.objective(self.denoiser, x, generator, schedule=self.schedule, document_ids=document_ids,
+                                   scored=scored)  # fmt: skip
+        loss = terms.loss * poison
+        # A CP rank's gradient is its rows' share of the micro-batch's, and DeepSpeed averages gradients
+        # over data × context-parallel ranks: C × the share averages to the data-parallel mean.
+        self.engine.backward(loss * self.cp_size if self.cp_size > 1 else loss)
+        return loss.detach()
+
     def _accumulated_step(self, step: int, poison: float, logging_step: bool) -> tuple[torch.Tensor, float | None]:
         t, engine = self.cfg.train, self.engine
         loss_sum = torch.zeros((), device=self.device)
         grad_norm = None
         for micro in range(t.grad_accum_steps):
-            slot = micro * self.dp_size + self.dp_rank
-            torch.manual_seed(step_seed(self.cfg.run.seed, step, slot))  # dropout
-            x, document_ids, scored, generator = _micro_batch(
-                self.corpus, self.cfg, step, slot, self.device, self.row_offset
-            )
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                terms = self.objective(engine, x, generator, schedule=self.schedule, document_ids=document_ids,
-                                       scored=scored)  # fmt: skip
-            loss = terms.loss * poison
-            engine.backward(loss)
-            loss_sum += loss.detach()
+            loss_sum += self.micro_step(step, micro, poison)
             if micro == t.grad_accum_steps - 1:
                 self.guard.loss_flag = (~torch.isfinite(loss_sum)).float()  # no host sync: read in the step
                 if logging_step:
@@ -475,9 +496,10 @@ class Trainer:
         """One metrics.jsonl record: loss averaged over the global batch, LR, grad norm, throughput."""
         t, engine = self.cfg.train, self.engine
         loss = outcome.loss / t.grad_accum_steps
-        if self.dp_size > 1 and not self.pipelined:
-            dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-            loss /= self.dp_size
+        ranks = self.dp_size * self.cp_size  # CP ranks hold the same loss, unless one of them went non-finite
+        if ranks > 1 and not self.pipelined:
+            dist.all_reduce(loss, group=gradient_group())
+            loss /= ranks
         now = time.perf_counter()
         elapsed_window = now - window["start"]
         tflops = self.step_flops * window["steps"] / elapsed_window / self.world / 1e12  # per device
@@ -511,9 +533,12 @@ class Trainer:
     def evaluate(self) -> dict:
         """The held-out bound (EMA weights when kept) under t ~ U[0, 1], whatever the training schedule."""
         t, engine = self.cfg.train, self.engine
+        model = engine if self.pipelined else engine.module
+        if self.cp_size > 1:  # each rank of the group scores its rows of the same held-out rows
+            model = ContextParallelDenoiser(engine.module)
         with self.ema.applied(engine.module) if self.ema is not None else nullcontext():
             bound = (pipeline_bound if self.pipelined else estimate_bound)(
-                engine if self.pipelined else engine.module,
+                model,
                 self.objective,
                 self.corpus.val,
                 self.device,
@@ -674,8 +699,9 @@ def _layout_text(layout: dict | None) -> str:
     if not layout:
         return "an unrecorded layout"
     sp = " with sequence parallelism" if layout["sequence_parallel"] else ""
+    cp = f" × CP {layout['context_parallel']}" if layout.get("context_parallel", 1) > 1 else ""
     return (
-        f"TP {layout['tensor_parallel']} × PP {layout['pipeline_parallel']} × DP {layout['data_parallel']}{sp}, "
+        f"TP {layout['tensor_parallel']}{cp} × PP {layout['pipeline_parallel']} × DP {layout['data_parallel']}{sp}, "
         f"ZeRO-{layout['zero_stage']}, global batch {layout['global_batch']}"
     )
 

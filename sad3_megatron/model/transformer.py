@@ -23,9 +23,11 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from sad3_megatron.core import network
+from sad3_megatron.core.masks import RowsMask
 from sad3_megatron.core.model_config import ModelConfig
 from sad3_megatron.core.network import qk_norms, rotary_embedding, subs_blocked_ids
 from sad3_megatron.model.chunked_loss import chunked_vocab_parallel_nll
+from sad3_megatron.model.context_parallel import gather_keys_values
 from sad3_megatron.model.sequence_parallel import first_rows, split_sequence
 
 
@@ -100,6 +102,10 @@ class SelfAttention(network.Attention):
             for p in norm.parameters() if norm is not None else ():
                 p.sums_over_heads = True  # a TP rank's gradient covers its own heads only: summed over TP
         super().__init__(qkv, proj, m.head_dim, m.attention_backend, m.query_groups, q_norm, k_norm)
+
+    def gather_kv(self, k: torch.Tensor, v: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """A RowsMask names every context-parallel rank's keys: gather them (model/context_parallel.py)."""
+        return gather_keys_values(k, v) if isinstance(mask, RowsMask) else (k, v)
 
 
 class MLP(network.MLP):
