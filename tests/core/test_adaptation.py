@@ -10,7 +10,7 @@ import torch
 
 from sad3_megatron.core.diffusion_config import DiffusionConfig
 from sad3_megatron.core.likelihood import estimate_bound
-from sad3_megatron.core.masks import AttentionMask
+from sad3_megatron.core.masks import AttentionMask, RowsMask
 from sad3_megatron.core.noising import NoisedBatch, complementary_pair
 from sad3_megatron.core.objectives import AutoregressiveObjective, BlockDiffusionObjective, Switches
 from sad3_megatron.core.registry import build_objective
@@ -125,6 +125,11 @@ def test_causal_clean_attention_mask_equals_a_hand_written_one():
         expected[q, sorted(keys)] = True
     assert torch.equal(AttentionMask.doubled(6, 2, clean_block_size=1).dense(), expected)
     assert torch.equal(objective(2, seq_len=6, clean_attention="causal").mask.dense(), expected)
+    # context parallelism's window of it: queries and keys at arbitrary rows, in any order
+    q_rows, kv_rows = torch.tensor([9, 0, 11, 4, 7]), torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    rows = RowsMask(AttentionMask.doubled(6, 2, clean_block_size=1), q_rows, kv_rows)
+    assert torch.equal(rows.dense(), expected[q_rows][:, kv_rows])
+    assert torch.equal(rows.mask_mod()(0, 0, torch.arange(5)[:, None], torch.arange(12)[None, :]), expected[q_rows][:, kv_rows])
     assert torch.equal(objective(2, seq_len=6).mask.dense()[6:, 6:], torch.tensor(
         [[1, 1, 0, 0, 0, 0]] * 2 + [[1, 1, 1, 1, 0, 0]] * 2 + [[1] * 6] * 2, dtype=torch.bool))  # M_BC untouched
 
