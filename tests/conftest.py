@@ -217,3 +217,32 @@ class Launch:
 @pytest.fixture(scope="session")
 def launch() -> Launch:
     return Launch()
+
+
+_BLOCKED = ("deepspeed", "megatron", "sad3_megatron")
+_BLOCKER = f"""import importlib.abc, sys
+class _Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {_BLOCKED!r}:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, _Blocker())
+"""
+
+
+@pytest.fixture
+def without_sad3(tmp_path):
+    """Run a Python script in a fresh interpreter that cannot import deepspeed, megatron or sad3_megatron
+    (what a user of an export has), offline; returns the JSON object its last line prints, with
+    "loaded": the blocked packages found in sys.modules at the end (empty when the script kept away)."""
+
+    def run(script: str, *args: str) -> dict:
+        footer = f"\nprint(json.dumps({{'loaded': [m for m in sys.modules if m.split('.')[0] in {_BLOCKED!r}]}}))\n"
+        env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+        proc = subprocess.run([sys.executable, "-c", _BLOCKER + "import json\n" + script + footer, *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        *_, result, loaded = proc.stdout.strip().splitlines()
+        return {**json.loads(result), **json.loads(loaded)}
+
+    return run
+

@@ -8,9 +8,6 @@ single-process run for the parallel layouts."""
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -334,14 +331,9 @@ def test_sharded_export_loads_the_same_weights(diffusion, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-BLOCKER = """
-import importlib.abc, sys
-class Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("deepspeed", "megatron", "sad3_megatron"):
-            raise ImportError(f"blocked: {name}")
-sys.meta_path.insert(0, Blocker())
-import json, torch
+LOAD_SAMPLE_AND_SCORE = """
+import sys
+import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 bd_dir, ar_dir = sys.argv[1], sys.argv[2]
 tok = AutoTokenizer.from_pretrained(bd_dir, trust_remote_code=False)  # a standard tokenizer: no custom code
@@ -352,20 +344,14 @@ x = torch.tensor([tok("she was the youngest of the two daughters of a most affec
                       add_special_tokens=False).input_ids[:16]])
 ar = AutoModelForCausalLM.from_pretrained(ar_dir, trust_remote_code=True)
 greedy = ar.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
-blocked = [m for m in sys.modules if m.split(".")[0] in ("deepspeed", "megatron", "sad3_megatron")]
 print(json.dumps({"samples": [s.tokens for s in result.samples], "nelbo": bd.nelbo(x, draws=2)["nelbo_per_token"],
-                  "greedy": greedy[0].tolist(), "ar_loss": ar(x, labels=x).loss.item(), "loaded": blocked,
-                  "module": type(bd).__module__}))
+                  "greedy": greedy[0].tolist(), "ar_loss": ar(x, labels=x).loss.item(), "module": type(bd).__module__}))
 """
 
 
-def test_export_loads_samples_and_scores_without_sad3_deepspeed_or_megatron(diffusion, autoregressive, tmp_path):
+def test_export_loads_samples_and_scores_without_sad3_deepspeed_or_megatron(diffusion, autoregressive, without_sad3):
     bd_dir, ar_dir = diffusion[1], autoregressive[1]
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", BLOCKER, str(bd_dir), str(ar_dir)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = without_sad3(LOAD_SAMPLE_AND_SCORE, str(bd_dir), str(ar_dir))
     assert out["loaded"] == [] and out["module"].startswith("transformers_modules.")
     from transformers import AutoTokenizer
 

@@ -183,13 +183,8 @@ def test_a_diffusion_run_of_an_import_exports_in_sad3s_layout_with_its_architect
     assert (ours[torch.isfinite(ours)] - reference[torch.isfinite(reference)]).abs().max().item() <= 1e-5
 
 
-BLOCKER = """
-import importlib.abc, json, sys
-class Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("deepspeed", "megatron", "sad3_megatron"):
-            raise ImportError(f"blocked: {name}")
-sys.meta_path.insert(0, Blocker())
+LOAD_AS_TRANSFORMERS = """
+import sys
 import torch
 from transformers import AutoModelForCausalLM
 out = {}
@@ -200,13 +195,14 @@ for original, export in zip(sys.argv[1::2], sys.argv[2::2]):
     with torch.no_grad():
         out[export] = {"class": type(ours).__module__ + "." + type(ours).__name__,
                        "difference": (ours(x).logits - base(x).logits).abs().max().item()}
-out["loaded"] = [m for m in sys.modules if m.split(".")[0] in ("deepspeed", "megatron", "sad3_megatron")]
 print(json.dumps(out))
 """
 IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id"}
 
 
-def test_import_then_transformers_export_returns_the_original_tensors_and_loads_without_sad3(hf_models, imported, tmp_path):
+def test_import_then_transformers_export_returns_the_original_tensors_and_loads_without_sad3(
+    hf_models, imported, tmp_path, without_sad3
+):
     from transformers import AutoConfig
 
     pairs = []
@@ -222,11 +218,7 @@ def test_import_then_transformers_export_returns_the_original_tensors_and_loads_
         raw = json.loads((export / "config.json").read_text())  # 4.x readers: top-level rope_theta / rope_scaling
         assert raw["rope_theta"] == raw["rope_parameters"]["rope_theta"]
         pairs += [str(original), str(export)]
-    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    proc = subprocess.run([sys.executable, "-c", BLOCKER, *pairs], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = without_sad3(LOAD_AS_TRANSFORMERS, *pairs)
     assert out.pop("loaded") == []
     for family in FAMILIES:
         result = out[str(tmp_path / family)]
