@@ -60,7 +60,7 @@ class DiscreteTimeObjective(BlockDiffusionObjective):
         super().__init__(seq_len, block_size, schedule, mask_id, antithetic, clean_prefix)
         self.steps = steps
 
-    def noise(self, x: torch.Tensor, generator: torch.Generator | None, schedule: NoiseSchedule | None = None
-              ) -> NoisedBatch:  # fmt: skip
+    def noise(self, x: torch.Tensor, generator: torch.Generator | None, schedule: NoiseSchedule | None = None,
+              free: torch.Tensor | None = None) -> NoisedBatch:  # fmt: skip
         """Eq. 3's grid of times, whatever continuous schedule a caller passes (evaluation passes its own)."""
-        return super().noise(x, generator, DiscreteTimeSchedule(self.schedule, self.steps))
+        return super().noise(x, generator, DiscreteTimeSchedule(self.schedule, self.steps), free)

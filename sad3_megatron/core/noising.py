@@ -72,14 +72,18 @@ def mask_blocks(
     generator: torch.Generator | None,
     antithetic: bool = True,
     clean_prefix: int = 0,
+    free: torch.Tensor | None = None,
 ) -> NoisedBatch:
     """Draw t_b per block and mask each block's free tokens as `schedule.masking` says.
+
+    `free` [b, L] bool, when given, names the positions that may be masked and scored instead of
+    "all but the first `clean_prefix`": a continuation scored after its clean context (likelihood.py).
 
     Draws are made on the CPU generator, so they do not depend on the device the model runs on, and
     no step waits on the device (the resampling is a closed-form draw, not a loop).
     """
     batch, length = x.shape
-    free = free_positions(batch, length, clean_prefix)
+    free = free_positions(batch, length, clean_prefix) if free is None else free.cpu()
     t = schedule.sample_t((batch, length // block_size), generator, antithetic)
     if schedule.masking == "bernoulli":
         rate = per_token(schedule.mask_rate(t), block_size)

@@ -71,6 +71,17 @@ class Objective(Protocol):
 
     def document_window(self, document_ids: torch.Tensor) -> torch.Tensor: ...
 
+    def scored_nll(
+        self,
+        model: Denoiser,
+        x: torch.Tensor,
+        scored: torch.Tensor,
+        generator: torch.Generator | None,
+        schedule: NoiseSchedule | None = None,
+    ) -> torch.Tensor: ...
+
+    def logits(self, model: Denoiser, x: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor: ...
+
     def __call__(
         self,
         model: Denoiser,
@@ -86,6 +97,21 @@ def loss_terms(token_nll: torch.Tensor, weights: torch.Tensor, num_scored: int |
     terms = weights * token_nll
     scored = terms.numel() if num_scored is None else num_scored
     return LossTerms(terms.sum() / scored, terms.detach().sum(), scored)
+
+
+def scored_label_nll(logits: torch.Tensor, x: torch.Tensor, scored: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """[b]: Σ over the `scored` positions of -log softmax(logits)[x], logits [b, L, V] predicting x [b, L],
+    normalised in float64 (fp32's log-sum-exp over a large vocabulary is off by ~1e-6 per token), `chunk`
+    scored positions at a time."""
+    where = scored.to(x.device)
+    rows, labels = where.nonzero()[:, 0], x[where]
+    picked = logits[where]
+    nll = [
+        torch.logsumexp(part.double(), -1) - part.gather(-1, label[:, None]).squeeze(-1).double()
+        for part, label in zip(picked.split(chunk), labels.split(chunk), strict=True)
+    ]
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    return total.index_add_(0, rows, torch.cat(nll)) if nll else total
 
 
 def token_weights(noised: NoisedBatch) -> torch.Tensor:
@@ -128,19 +154,25 @@ class BlockDiffusionObjective:
             self.positions = doubled_positions(seq_len)
 
     def noise(
-        self, x: torch.Tensor, generator: torch.Generator | None, schedule: NoiseSchedule | None = None
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None,
+        schedule: NoiseSchedule | None = None,
+        free: torch.Tensor | None = None,
     ) -> NoisedBatch:
         schedule = schedule or self.schedule
-        return mask_blocks(x, self.block_size, schedule, self.mask_id, generator, self.antithetic, self.clean_prefix)
+        return mask_blocks(
+            x, self.block_size, schedule, self.mask_id, generator, self.antithetic, self.clean_prefix, free
+        )
 
-    def _tokens(self, x: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
-        return noised.x_t if self.block_size == self.seq_len else torch.cat([noised.x_t, x], dim=1)
+    def _tokens(self, x: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        return x_t if self.block_size == self.seq_len else torch.cat([x_t, x], dim=1)
 
     def training_pass(
         self, x: torch.Tensor, generator: torch.Generator | None, schedule: NoiseSchedule | None = None
     ) -> TrainingPass:
         noised = self.noise(x, generator, schedule)
-        return TrainingPass(self._tokens(x, noised), x, token_weights(noised) * (self.seq_len / self.scored_per_row))
+        return TrainingPass(self._tokens(x, noised.x_t), x, token_weights(noised) * (self.seq_len / self.scored_per_row))
 
     def document_window(self, document_ids: torch.Tensor) -> torch.Tensor:
         """Document ids [b, L] → the labels of every key position of the training window."""
@@ -158,7 +190,28 @@ class BlockDiffusionObjective:
         """-log p_θ(x^b | x_t^b, x^{<b}) for every token, in ONE pass over x_t ⊕ x (Suppl. D)."""
         positions = self.positions.to(x.device)
         mask = self.attention_mask(document_ids)
-        return model(self._tokens(x, noised), positions, mask, num_outputs=self.num_outputs, labels=x).token_nll
+        return model(self._tokens(x, noised.x_t), positions, mask, num_outputs=self.num_outputs, labels=x).token_nll
+
+    def scored_nll(
+        self,
+        model: Denoiser,
+        x: torch.Tensor,
+        scored: torch.Tensor,
+        generator: torch.Generator | None,
+        schedule: NoiseSchedule | None = None,
+    ) -> torch.Tensor:
+        """[b]: one draw of Eq. 7's NELBO of the `scored` tokens [b, L] of each row given the others,
+        which stay clean (never masked, never scored); [MASK] in x is an unknown position, masked
+        throughout and never scored (the rest of a block past a row's end). The clean prefix of one
+        position generalised to any context: a continuation's bound given its context (likelihood.py)."""
+        noised = self.noise(x, generator, schedule, free=scored)
+        terms = token_weights(noised) * self.token_nll(model, x, noised)
+        return torch.where(noised.masked, terms, 0.0).double().sum(-1)  # unknown positions' labels are [MASK]: inf × 0
+
+    def logits(self, model: Denoiser, x: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """x_θ's logits [b, L, V] at every position of the noisy rows x_t given the clean rows x, in the
+        training pass (block b sees x_t^b and x^{<b}, Suppl. D)."""
+        return model(self._tokens(x, x_t), self.positions.to(x.device), self.mask, num_outputs=self.num_outputs).logits
 
     def token_nll_naive(self, model: Denoiser, x: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
         """The same quantity by Alg. 1 written as a loop: one pass over x for the clean K/V, then
@@ -250,6 +303,22 @@ class AutoregressiveObjective:
         mask = self.mask if document_ids is None else DocumentMask(self.mask, self.document_window(document_ids))
         nll = model(batch.tokens, self.positions.to(x.device), mask, labels=batch.labels).token_nll
         return loss_terms(nll, batch.weights)
+
+    def scored_nll(
+        self,
+        model: Denoiser,
+        x: torch.Tensor,
+        scored: torch.Tensor,
+        generator: torch.Generator | None = None,
+        schedule: NoiseSchedule | None = None,
+    ) -> torch.Tensor:
+        """[b]: -Σ log p(x_i | x_<i) over the `scored` positions [b, L] of each row (never position 0)."""
+        return scored_label_nll(self.logits(model, x), x, scored)
+
+    def logits(self, model: Denoiser, x: torch.Tensor, x_t: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits [b, L, V]: row i predicts x_i from x_<i (row 0, which nothing predicts, is -inf)."""
+        out = model(x[:, :-1], self.positions.to(x.device), self.mask).logits
+        return torch.cat([torch.full_like(out[:, :1], float("-inf")), out], dim=1)
 
 
 _KEEP_RATE = NoiseSchedule("linear")  # random_tokens: keep probability t ~ U(0, 1], E[kept] = 1/2
