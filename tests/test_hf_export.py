@@ -335,12 +335,11 @@ def test_sharded_export_loads_the_same_weights(diffusion, tmp_path):
 
 
 BLOCKER = """
-import importlib.abc, sys
-class Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("deepspeed", "megatron", "sad3_megatron"):
-            raise ImportError(f"blocked: {name}")
-sys.meta_path.insert(0, Blocker())
+import sys
+# As if not installed: importing them fails, and importlib.util.find_spec (transformers probes for deepspeed
+# when accelerate is installed) answers None.
+for name in ("deepspeed", "megatron", "sad3_megatron"):
+    sys.modules[name] = None
 import json, torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 bd_dir, ar_dir = sys.argv[1], sys.argv[2]
@@ -352,7 +351,7 @@ x = torch.tensor([tok("she was the youngest of the two daughters of a most affec
                       add_special_tokens=False).input_ids[:16]])
 ar = AutoModelForCausalLM.from_pretrained(ar_dir, trust_remote_code=True)
 greedy = ar.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
-blocked = [m for m in sys.modules if m.split(".")[0] in ("deepspeed", "megatron", "sad3_megatron")]
+blocked = [m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in ("deepspeed", "megatron", "sad3_megatron")]
 print(json.dumps({"samples": [s.tokens for s in result.samples], "nelbo": bd.nelbo(x, draws=2)["nelbo_per_token"],
                   "greedy": greedy[0].tolist(), "ar_loss": ar(x, labels=x).loss.item(), "loaded": blocked,
                   "module": type(bd).__module__}))

@@ -8,11 +8,11 @@ import os
 import sys
 import warnings
 
-from sad3_megatron.cli import data, evaluate, export, plot, sample, train
+from sad3_megatron.cli import data, evaluate, export, harness, plot, sample, train
 from sad3_megatron.cli.flags import Parser
 from sad3_megatron.core.errors import Sad3Error
 
-COMMANDS = (train, evaluate, sample, export, data, plot)  # each adds its subcommands to the parser
+COMMANDS = (train, evaluate, sample, export, data, plot, harness)  # each adds its subcommands to the parser
 OVERRIDE_COMMANDS = ("train", "data")  # `key=value` overrides may sit anywhere among their options
 
 
