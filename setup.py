@@ -21,6 +21,7 @@ EXTRAS = {
     "data": ["datasets==5.2.0"],
     "wandb": ["wandb==0.31.0"],
     "plot": ["matplotlib==3.11.2"],  # `sad3 plot`, `sad3 variance --plot`
+    "eval": ["lm-eval==0.4.13"],  # `sad3 lm-eval`: sad3 models as lm-evaluation-harness models
     # GPU-only kernels; built against the user's CUDA toolkit (never `pip install apex`).
     "gpu": ["flash-attn>=2.6"],
 }
@@ -36,5 +37,9 @@ setup(
     package_data={"sad3_megatron": ["assets/**/*", "assets/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["sad3=sad3_megatron.cli:main"]},
+    entry_points={
+        "console_scripts": ["sad3=sad3_megatron.cli:main"],
+        # read by lm-eval releases after 0.4.13 (`lm_eval --model sad3`); 0.4.13 needs `sad3 lm-eval`
+        "lm_eval.models": ["sad3 = sad3_megatron.evaluation.harness:Sad3LM"],
+    },
 )

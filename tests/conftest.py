@@ -220,12 +220,11 @@ def launch() -> Launch:
 
 
 _BLOCKED = ("deepspeed", "megatron", "sad3_megatron")
-_BLOCKER = f"""import importlib.abc, sys
-class _Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {_BLOCKED!r}:
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, _Blocker())
+# As if not installed: importing them fails, and importlib.util.find_spec answers None (transformers
+# probes for deepspeed that way when accelerate is installed, and an import hook that raises breaks it).
+_BLOCKER = f"""import sys
+for _name in {_BLOCKED!r}:
+    sys.modules[_name] = None
 """
 
 
@@ -236,7 +235,8 @@ def without_sad3(tmp_path):
     "loaded": the blocked packages found in sys.modules at the end (empty when the script kept away)."""
 
     def run(script: str, *args: str) -> dict:
-        footer = f"\nprint(json.dumps({{'loaded': [m for m in sys.modules if m.split('.')[0] in {_BLOCKED!r}]}}))\n"
+        loaded = f"[m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in {_BLOCKED!r}]"
+        footer = f"\nprint(json.dumps({{'loaded': {loaded}}}))\n"
         env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
         proc = subprocess.run([sys.executable, "-c", _BLOCKER + "import json\n" + script + footer, *args], cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=300)  # fmt: skip

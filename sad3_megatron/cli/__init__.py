@@ -8,11 +8,11 @@ import os
 import sys
 import warnings
 
-from sad3_megatron.cli import checkpoint, data, evaluate, export, plot, sample, train
+from sad3_megatron.cli import checkpoint, data, evaluate, export, harness, plot, sample, train
 from sad3_megatron.cli.flags import Parser
 from sad3_megatron.core.errors import Sad3Error
 
-COMMANDS = (train, evaluate, sample, export, data, plot, checkpoint)  # each adds its subcommands to the parser
+COMMANDS = (train, evaluate, sample, export, data, plot, checkpoint, harness)  # each adds its subcommands
 OVERRIDE_COMMANDS = ("train", "data", "import")  # `key=value` overrides may sit anywhere among their options
 
 

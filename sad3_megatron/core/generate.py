@@ -8,7 +8,8 @@ partly covers is completed around the given tokens. In the last block, positions
 budget stay masked and are never sampled, so no NFE is spent on tokens that would be cut.
 
 Samples in a batch share the model calls but nothing else: each stops on its own (EOS, budget,
-repetition; see `stopping.py`) and its rows then leave the batch and the cache.
+repetition; see `stopping.py`) and its rows then leave the batch and the cache. They continue one
+prompt, or one prompt each (prompts of one length, so the blocks of every row line up).
 
 Table 6's protocol: a sample is L tokens, BOS (the prompt) included, so the default budget is
 L - len(prompt); under the paper's stop rule a rejected sample is drawn again (`redraw_seed`).
@@ -136,6 +137,24 @@ def token_budget(num_tokens: int | None, seq_len: int, prompt_len: int) -> int:
     return seq_len - prompt_len
 
 
+Prompt = list[int] | list[list[int]]  # one prompt for every sample, or one per sample (all of one length)
+
+
+def prompt_rows(prompt: Prompt, batch_size: int) -> torch.Tensor:
+    """The prompt of every sample, [batch_size, prompt length]."""
+    try:
+        rows = torch.as_tensor(prompt, dtype=torch.long)
+    except ValueError:
+        raise Sad3Error("the prompts of one batch must have the same number of tokens") from None
+    if rows.dim() == 1:  # one prompt for every sample
+        return rows[None].expand(batch_size, -1)
+    if rows.shape[0] == 1:
+        return rows.expand(batch_size, -1)
+    if rows.shape[0] != batch_size:
+        raise Sad3Error(f"{rows.shape[0]} prompts for a batch of {batch_size} samples: give one, or one per sample")
+    return rows
+
+
 def redraw_seed(seed: int, index: int, attempt: int) -> int:
     """The seed of the `attempt`-th redraw of sample `index` of a run seeded with `seed`: a pure
     function, so a run is reproducible and no redraw depends on which other samples were rejected."""
@@ -210,13 +229,16 @@ def _stop_criteria(config: SamplingConfig, eos_id: int | None) -> StopCriteria:
     return StopCriteria(config.num_tokens, eos, floor, window, low_entropy_action(config.stop_rule, eos is None))
 
 
-def _redraw_rejected(result: GenerationResult, config: SamplingConfig, draw: Callable, start: float) -> None:
+def _redraw_rejected(
+    result: GenerationResult, config: SamplingConfig, draw: Callable, start: float, prompts: torch.Tensor
+) -> None:
     """Draw each rejected sample again, alone, with `redraw_seed`, up to `config.max_redraws` times."""
     for index, sample in enumerate(result.samples):
         attempt = 0
         while sample.stop_reason == "rejected" and attempt < config.max_redraws:
             attempt += 1
-            again = draw(replace(config, batch_size=1, seed=redraw_seed(config.seed, index, attempt)))
+            seed = redraw_seed(config.seed, index, attempt)
+            again = draw(replace(config, batch_size=1, seed=seed), prompt=prompts[index].tolist())
             result.clean_passes += again.clean_passes
             sample = again.samples[0]
         sample.rejections = attempt + (sample.stop_reason == "rejected")
@@ -234,7 +256,7 @@ def generate_blocks(
     *,
     mask_id: int,
     eos_id: int | None,
-    prompt: list[int],
+    prompt: Prompt,
     logits_hook: LogitsHook | None = None,
     shift: bool = False,
     clean_block_size: int | None = None,
@@ -242,11 +264,12 @@ def generate_blocks(
     """Alg. 2 with the configured within-block sampler, cached or recomputed context; `shift` and
     `clean_block_size` are the trained objective's (block_context.py)."""
     device = next(model.parameters()).device
-    block, start_len = config.block_size, len(prompt)
+    prompts = prompt_rows(prompt, config.batch_size)
+    block, start_len = config.block_size, prompts.shape[1]
     end = start_len + config.num_tokens
     capacity = -(-end // block) * block
     tokens = torch.full((config.batch_size, capacity), mask_id, dtype=torch.long, device=device)
-    tokens[:, :start_len] = torch.as_tensor(prompt, dtype=torch.long, device=device)
+    tokens[:, :start_len] = prompts.to(device)
     in_budget = torch.arange(capacity, device=device) < end
     kind = CachedContext if config.kv_cache else RecomputeContext
     context = kind(model, block, shift, clean_block_size)
@@ -287,18 +310,19 @@ def generate_autoregressive(
     window: ContextWindow,
     *,
     eos_id: int | None,
-    prompt: list[int],
+    prompt: Prompt,
     logits_hook: LogitsHook | None = None,
 ) -> GenerationResult:
     """The AR baseline (Eq. 1): one NFE per token. With the cache, each step feeds the last token
     against the cached keys/values of its window and appends its own; without it, the window is
     recomputed under the causal mask (M_BC with L' = 1) every step."""
-    if not prompt:
+    prompts = prompt_rows(prompt, config.batch_size)
+    if prompts.shape[1] == 0:
         raise Sad3Error("the AR baseline needs at least one prompt token to condition on (e.g. BOS)")
     device = next(model.parameters()).device
-    start_len, end = len(prompt), len(prompt) + config.num_tokens
+    start_len, end = prompts.shape[1], prompts.shape[1] + config.num_tokens
     tokens = torch.zeros((config.batch_size, end), dtype=torch.long, device=device)
-    tokens[:, :start_len] = torch.as_tensor(prompt, dtype=torch.long, device=device)
+    tokens[:, :start_len] = prompts.to(device)
     cache = KVCache()
     stop = _stop_criteria(config, eos_id)
     generator = torch.Generator().manual_seed(config.seed)
@@ -339,23 +363,25 @@ def generate(
     seq_len: int,
     mask_id: int,
     eos_id: int | None,
-    prompt: list[int],
+    prompt: Prompt,
     objective: str = "sad3",
     logits_hook: LogitsHook | None = None,
     shift: bool = False,
     clean_attention: str = "block_causal",
 ) -> GenerationResult:
     """Sample `config.batch_size` sequences from a model trained with `objective` (registry name):
-    Alg. 2 for diffusion models, next-token for the AR baseline.
+    Alg. 2 for diffusion models, next-token for the AR baseline. Every sample continues `prompt`,
+    or its own row of it (one prompt per sample, all of one length).
 
     `seq_len` is the training context L, which bounds the context window; samples may be longer,
     and are L - len(prompt) tokens by default. The result carries the settings with every default
     filled in (`SamplingConfig.for_model`). `shift` and `clean_attention` are the model's training
     switches (DiffusionConfig): sampling reads the context the way training did."""
     autoregressive = objective_entry(objective).autoregressive
-    config = config.for_model(objective, seq_len, len(prompt))
+    prompts = prompt_rows(prompt, config.batch_size)
+    config = config.for_model(objective, seq_len, prompts.shape[1])
     window = config.window_for(seq_len, autoregressive)
-    if mask_id in prompt:
+    if (prompts == mask_id).any():
         raise Sad3Error("the prompt contains the mask token; it must be clean text")
     if shift and not autoregressive and (not prompt or window.size == 0):
         raise Sad3Error("a token-shift model predicts each token from the one before: give a prompt (BOS) and --window > 0")
@@ -370,7 +396,7 @@ def generate(
     try:
         start = time.perf_counter()
         result = draw(config, logits_hook=logits_hook)
-        _redraw_rejected(result, config, draw, start)  # the hook sees the first draw only
+        _redraw_rejected(result, config, draw, start, prompts)  # the hook sees the first draw only
         result.config = config
         return result
     finally:

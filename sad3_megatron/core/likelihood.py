@@ -6,17 +6,24 @@ both); PPL = exp(per-token NELBO) is an upper bound on the true perplexity for d
 The default estimator integrates t out (`evaluation_schedule()`, `count` masking in schedules.py):
 the same bound as t ~ U[0, 1] with Bernoulli masks, unbiased and with finite variance, and exact (one
 pass, no Monte-Carlo error) at L' = 1. `schedule=evaluation_schedule(t_floor)` gives the paper's
-Monte-Carlo protocol instead (t ~ U[t_floor, 1], MDLM's t_floor = 1e-3)."""
+Monte-Carlo protocol instead (t ~ U[t_floor, 1], MDLM's t_floor = 1e-3).
+
+`estimate_continuations` is the same bound for a continuation given its context (what
+lm-evaluation-harness asks of a model): each row is context ⊕ continuation at positions 0.., the
+context clean in the blocks before the continuation and inside the block where it starts, the
+continuation's tokens the only ones masked and scored (the objective's `scored_nll`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from .objectives import Objective
+from .errors import Sad3Error
+from .objectives import Objective, scored_label_nll
 from .schedules import NoiseSchedule, evaluation_schedule
 
 
@@ -99,3 +106,91 @@ def estimate_bound(
     block = None if autoregressive else objective.block_size
     ppl = math.exp(mean) if mean < 700 else math.inf  # a diverged model's bound overflows a float: say so
     return BoundEstimate(mean, std_err, ppl, ppl * std_err, draws, tokens, count, block, exact)
+
+
+def continuation_rows(
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]], multiple: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows context ⊕ continuation [b, n] for (context, continuation) token lists, right-padded with
+    `pad_id` to one length n, a multiple of `multiple` (L': a row's last block is completed with
+    [MASK], unknown and never scored, as Alg. 2 leaves positions past its budget); and `scored`
+    [b, n], True on the continuations. A context holds at least one token: position 0 of a row is
+    context, as in training (its BOS)."""
+    width = max(len(context) + len(continuation) for context, continuation in requests)
+    width = -(-width // multiple) * multiple
+    x = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    scored = torch.zeros((len(requests), width), dtype=torch.bool)
+    for i, (context, continuation) in enumerate(requests):
+        if not context:
+            raise Sad3Error("a continuation is scored after at least one context token (e.g. BOS): got an empty context")
+        end = len(context) + len(continuation)
+        x[i, :end] = torch.as_tensor([*context, *continuation], dtype=torch.long)
+        scored[i, len(context) : end] = True
+    return x, scored
+
+
+@dataclass
+class ContinuationEstimate:
+    nll: torch.Tensor  # [b] -log p(continuation | context): exact for AR and L' = 1, else the NELBO (mean over draws)
+    std_err: torch.Tensor  # [b] standard error of that mean across draws (0 when exact)
+    greedy: torch.Tensor  # [b] bool: greedy decoding reproduces the continuation (`greedy_continuations`)
+    draws: int
+    exact: bool
+
+
+@torch.no_grad()
+def estimate_continuations(
+    model,
+    objective: Objective,
+    x: torch.Tensor,
+    scored: torch.Tensor,
+    draws: int = 8,
+    seed: int = 0,
+    schedule: NoiseSchedule | None = None,
+    greedy: bool = True,
+) -> ContinuationEstimate:
+    """The bound on -log p(x_scored | the rest) of every row of `x` [b, n] (`continuation_rows`), for
+    `objective` built over rows of n tokens, averaged over `draws` draws of the noise under `schedule`
+    (default `evaluation_schedule()`: t integrated out, as `sad3 eval`), all in one pass over draws × b
+    rows (the antithetic strata span them, so the draws' spread overstates the error); exact in one draw for the
+    AR baseline and for L' = 1; `greedy=False` skips the greedy rule (all False). The model is
+    expected in eval mode."""
+    if scored[:, 0].any():
+        raise Sad3Error("position 0 of a row is context and is never scored")
+    if objective.autoregressive:  # exact, and one pass gives both the log-probabilities and the greedy rule
+        logits = objective.logits(model, x, x)
+        nll = scored_label_nll(logits, x, scored).cpu()
+        matches = _argmax_matches(logits, x, scored.to(x.device)) if greedy else torch.zeros_like(nll, dtype=torch.bool)
+        return ContinuationEstimate(nll, torch.zeros_like(nll), matches, 1, True)
+    schedule = schedule or evaluation_schedule()
+    exact = objective.block_size == 1 and schedule.masking == "count"
+    draws = 1 if exact else draws
+    generator = torch.Generator().manual_seed(seed)
+    # All draws in one pass (draws × b rows): one call of x_θ per batch, the noise stratified over all of them.
+    values = objective.scored_nll(model, x.repeat(draws, 1), scored.repeat(draws, 1), generator, schedule)
+    values = values.view(draws, x.shape[0]).double().cpu()
+    std_err = values.std(0) / math.sqrt(draws) if draws > 1 else torch.zeros(x.shape[0], dtype=torch.float64)
+    matches = greedy_continuations(model, objective, x, scored) if greedy else torch.zeros(x.shape[0], dtype=torch.bool)
+    return ContinuationEstimate(values.mean(0), std_err, matches, draws, exact)
+
+
+def _argmax_matches(logits: torch.Tensor, x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    return ((logits[:, : x.shape[1]].argmax(-1) == x) | ~where).all(-1).cpu()
+
+
+@torch.no_grad()
+def greedy_continuations(model, objective: Objective, x: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """[b] bool: whether greedy decoding of each row's continuation, one position at a time from left
+    to right, reproduces it. At every scored position i the argmax of x_θ, given the context, the
+    continuation before i (clean) and [MASK] from i to the end of i's block, must equal x_i (for the
+    AR baseline and L' = 1: every next-token argmax, HFLM's rule). One pass per in-block offset of
+    the scored positions (at most L'), all blocks at once."""
+    if objective.autoregressive:
+        return _argmax_matches(objective.logits(model, x, x), x, scored.to(x.device))
+    offset = torch.arange(x.shape[1], device=x.device) % objective.block_size
+    scored = scored.to(x.device)
+    matches = torch.ones(x.shape[0], dtype=torch.bool)
+    for j in offset[scored.any(0)].unique().tolist():
+        x_t = torch.where(scored & (offset >= j), objective.mask_id, x)
+        matches &= _argmax_matches(objective.logits(model, x, x_t), x, scored & (offset == j))
+    return matches

@@ -84,9 +84,12 @@ def mask_blocks(
 ) -> NoisedBatch:
     """Draw t_b per block and mask each block's free tokens as `schedule.masking` says.
 
+    `scored` [b, L] (None: every position) restricts the free positions to those it names, beyond the
+    first `clean_prefix` (free_positions): a chat row's answer after its clean prompt (data/chat.py), a
+    continuation after its clean context (likelihood.py).
+
     Draws are made on the CPU generator, so they do not depend on the device the model runs on, and
-    no step waits on the device (the resampling is a closed-form draw, not a loop). `scored` [b, L]
-    (None: every position) restricts the free positions (free_positions).
+    no step waits on the device (the resampling is a closed-form draw, not a loop).
     """
     batch, length = x.shape
     free = free_positions(batch, length, clean_prefix, scored)

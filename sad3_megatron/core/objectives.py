@@ -81,6 +81,17 @@ class Objective(Protocol):
         """The objective whose loss is the bound `sad3 eval` reports (itself unless training reweights it)."""
         ...
 
+    def scored_nll(
+        self,
+        model: Denoiser,
+        x: torch.Tensor,
+        scored: torch.Tensor,
+        generator: torch.Generator | None,
+        schedule: NoiseSchedule | None = None,
+    ) -> torch.Tensor: ...
+
+    def logits(self, model: Denoiser, x: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor: ...
+
     def __call__(
         self,
         model: Denoiser,
@@ -97,6 +108,21 @@ def loss_terms(token_nll: torch.Tensor, weights: torch.Tensor, num_scored: int |
     terms = weights * token_nll
     scored = terms.numel() if num_scored is None else num_scored
     return LossTerms(terms.sum() / scored, terms.detach().sum(), scored)
+
+
+def scored_label_nll(logits: torch.Tensor, x: torch.Tensor, scored: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """[b]: Σ over the `scored` positions of -log softmax(logits)[x], logits [b, L, V] predicting x [b, L],
+    normalised in float64 (fp32's log-sum-exp over a large vocabulary is off by ~1e-6 per token), `chunk`
+    scored positions at a time."""
+    where = scored.to(x.device)
+    rows, labels = where.nonzero()[:, 0], x[where]
+    picked = logits[where]
+    nll = [
+        torch.logsumexp(part.double(), -1) - part.gather(-1, label[:, None]).squeeze(-1).double()
+        for part, label in zip(picked.split(chunk), labels.split(chunk), strict=True)
+    ]
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    return total.index_add_(0, rows, torch.cat(nll)) if nll else total
 
 
 def token_weights(noised: NoisedBatch) -> torch.Tensor:
@@ -286,6 +312,28 @@ class BlockDiffusionObjective:
         """[b', L] -log p_θ(x_i | x_t^b, x^{<b}) of every token, read from the row that predicts it."""
         return self.row_nll(model, x, noised, document_ids)[:, self.target_rows.to(x.device)]
 
+    def scored_nll(
+        self, model: Denoiser, x: torch.Tensor, scored: torch.Tensor, generator: torch.Generator | None,
+        schedule: NoiseSchedule | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """[b]: one draw of Eq. 7's NELBO of the `scored` tokens [b, L] of each row given the others,
+        which stay clean (never masked, never scored), averaged over the complementary copy; [MASK] in x
+        is an unknown position, masked throughout and never scored (the rest of a block past a row's
+        end). The clean prefix of one position generalised to any context: a continuation's bound given
+        its context (likelihood.py). Call it on `bound()` for the NELBO's own weights."""
+        noised = self.noise(x, generator, schedule, scored)
+        terms = self.diffusion_weights(noised) * self.token_nll(model, x, noised)
+        terms = torch.where(noised.masked, terms, 0.0).double().sum(-1)  # unknown positions' labels are [MASK]: inf × 0
+        return terms.view(self.copies, x.shape[0]).mean(0)
+
+    def logits(self, model: Denoiser, x: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """x_θ's logits [b, L, V] of every position of the noisy rows x_t given the clean rows x, read
+        from the row that predicts it (block b sees x_t^b and x^{<b}, Suppl. D; with the token shift, the
+        row before)."""
+        tokens = torch.cat([x_t, x], dim=1) if self.doubled else x_t
+        out = model(tokens, self.positions.to(x.device), self.mask, num_outputs=self.num_outputs).logits
+        return out[:, self.target_rows.to(x.device)]
+
     def row_nll_naive(self, model: Denoiser, x: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
         """The same rows by Alg. 1 written as a loop: one pass over x for the clean K/V (and the clean
         rows' outputs), then B calls x_θ^b(x_t^b, K^{1:b-1}, V^{1:b-1}). The reference the vectorized
@@ -404,6 +452,22 @@ class AutoregressiveObjective:
             return loss_terms(nll, batch.weights)
         kept = scored[:, 1:].to(batch.weights)
         return loss_terms(nll, batch.weights * kept, int(kept.sum().item()))
+
+    def scored_nll(
+        self,
+        model: Denoiser,
+        x: torch.Tensor,
+        scored: torch.Tensor,
+        generator: torch.Generator | None = None,
+        schedule: NoiseSchedule | None = None,
+    ) -> torch.Tensor:
+        """[b]: -Σ log p(x_i | x_<i) over the `scored` positions [b, L] of each row (never position 0)."""
+        return scored_label_nll(self.logits(model, x), x, scored)
+
+    def logits(self, model: Denoiser, x: torch.Tensor, x_t: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits [b, L, V]: row i predicts x_i from x_<i (row 0, which nothing predicts, is -inf)."""
+        out = model(x[:, :-1], self.positions.to(x.device), self.mask).logits
+        return torch.cat([torch.full_like(out[:, :1], float("-inf")), out], dim=1)
 
 
 _KEEP_RATE = NoiseSchedule("linear")  # random_tokens: keep probability t ~ U(0, 1], E[kept] = 1/2

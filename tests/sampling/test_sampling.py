@@ -248,3 +248,16 @@ def test_generative_perplexity_windows_score_each_token_once(tiny_gpt2):
             logits = model(torch.tensor([ids[begin : i + 1]])).logits[0, -2].double()
         expected -= torch.log_softmax(logits, dim=-1)[ids[i]].item()
     assert nll == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("autoregressive", [False, True])
+def test_one_prompt_per_sample_continues_each_as_if_alone(sample, model, autoregressive):
+    """Prompts of one length, one per sample (how `sad3 lm-eval` batches requests): with greedy values
+    and a deterministic order (confident decoding; AR argmax) each row is what its prompt gives alone,
+    on the cached path across window slides."""
+    prompts = [[0, 5, 9], [0, 17, 3], [0, 22, 40]]
+    greedy = {"sampler": "confident", "threshold": 1.0, "steps": BLOCK, "top_p": 1e-9, "num_tokens": 2 * L}
+    together, _ = sample(model, autoregressive=autoregressive, prompt=prompts, **greedy)
+    for prompt, row in zip(prompts, together.samples, strict=True):
+        alone, _ = sample(model, autoregressive=autoregressive, prompt=prompt, batch_size=1, **greedy)
+        assert row.tokens == alone.samples[0].tokens and len(row.tokens) == 2 * L
