@@ -13,7 +13,7 @@ import torch
 from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.core.likelihood import continuation_rows, estimate_continuations, greedy_continuations
 from sad3_megatron.core.masks import AttentionMask
-from sad3_megatron.core.objectives import AutoregressiveObjective, BlockDiffusionObjective
+from sad3_megatron.core.objectives import AutoregressiveObjective, BlockDiffusionObjective, Switches
 from sad3_megatron.core.schedules import NoiseSchedule
 from tests.core.stub_denoiser import TableDenoiser
 
@@ -115,6 +115,21 @@ def test_block_size_one_is_exact_and_equals_the_ar_log_probability(tiny):
         expected = [-ar_logprob_by_hand(model, [*c, *t], len(c), tiny.mask_id) for c, t in requests]
     assert estimate.exact and estimate.draws == 1 and (estimate.std_err == 0).all()
     assert estimate.nll.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_with_the_token_shift_block_size_one_is_the_ar_baseline_on_the_same_weights(tiny):
+    """The token shift (docs/adaptation.md) at L' = 1 reads each token's prediction from the clean row
+    before it: the continuation's bound is exact and equals the AR baseline's next-token log-probability
+    of the same network (another pass: x[:, :-1] under the causal mask), with complementary masks too."""
+    model = tiny.network(seed=5).eval()
+    requests = [([4, 7], [9, 1, 30]), ([8], [6, 2])]
+    x, scored = continuation_rows(requests, multiple=1, pad_id=tiny.mask_id)
+    with torch.no_grad():
+        reference = estimate_continuations(model, AutoregressiveObjective(x.shape[1]), x, scored).nll
+        for switches in (Switches(shift=True), Switches(shift=True, complementary=True)):
+            objective = BlockDiffusionObjective(x.shape[1], 1, LINEAR, tiny.mask_id, clean_prefix=1, switches=switches)
+            estimate = estimate_continuations(model, objective, x, scored, 4)
+            assert estimate.exact and estimate.nll.tolist() == pytest.approx(reference.tolist(), abs=1e-5), switches
 
 
 def test_ar_baseline_scores_the_next_token_log_probability(tiny):
