@@ -3,7 +3,7 @@ offline cloze task's requests (context, " " + choice), scored by the harness mod
 harness calls it (model loaded once, its default draws, is_greedy included). Every round times each
 batch size on the same requests, interleaved, after one warm-up batch each; the medians are reported.
 
-    .venv/bin/python tools/bench_harness.py runs/demo --batches 1,32 --docs 8 --rounds 3
+    .venv/bin/python tools/bench_harness.py runs/demo --batches 1,32 --rounds 3
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a run, a checkpoint or a `sad3 export` directory")
     parser.add_argument("--batches", default="1,32", help="batch sizes (requests), comma-separated")
-    parser.add_argument("--docs", type=int, default=8, help="cloze documents (4 requests each)")
+    parser.add_argument("--docs", type=int, default=100, help="cloze documents, 4 requests each (default: all 100)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, each over every batch size")
     parser.add_argument("--draws", type=int, default=None, help="draws per request (default: the harness model's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
