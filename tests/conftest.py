@@ -246,3 +246,12 @@ def without_sad3(tmp_path):
 
     return run
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls run fastest (and steadiest on a busy machine) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

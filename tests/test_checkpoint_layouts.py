@@ -177,8 +177,8 @@ def test_data_position_follows_the_global_batch_not_the_layout():
     """Rows are entries of one training order: any DP × accumulation split of a global batch draws
     the same rows (slot = micro-batch × DP + rank), and after a change of global batch at step s the
     run goes on from the entry it had reached."""
-    from sad3_megatron.data.sampler import batch_rows
-    from sad3_megatron.engine.resume import data_state, row_offset, rows_at
+    from sad3_megatron.data.sampler import batch_rows, rows_at
+    from sad3_megatron.engine.resume import data_state, row_offset
 
     n, seed, mbs = 1000, 3, 4
 

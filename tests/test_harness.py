@@ -41,14 +41,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def ar_export(tmp_path_factory, one_thread) -> Path:
     """A GPT-2-tokenized AR baseline, exported (HFLM's default tokenization adds nothing for GPT-2)."""
     root = tmp_path_factory.mktemp("ar")

@@ -41,11 +41,18 @@ def batch_rows(
     Each optimizer step consumes micro_batch_size × grad_accum × dp_size consecutive entries of the
     global order; within a step, micro-batch m of rank r is entries (m × dp_size + r) × micro_batch_size onwards.
     """
-    if num_rows < 1:
-        raise ValueError("the training split has no rows")
     global_batch = micro_batch_size * grad_accum * dp_size
     start = step * global_batch + (micro_batch * dp_size + dp_rank) * micro_batch_size
-    positions = np.arange(start, start + micro_batch_size)
+    return rows_at(num_rows, start, micro_batch_size, seed)
+
+
+def rows_at(num_rows: int, start: int, count: int, seed: int) -> np.ndarray:
+    """Entries start .. start + count - 1 of the training order, as row indices (epoch e of the order
+    is epoch_permutation(num_rows, seed, e)). A resume with another global batch starts at an entry
+    rather than at (step, micro-batch, rank) (engine/resume.py)."""
+    if num_rows < 1:
+        raise ValueError("the training split has no rows")
+    positions = np.arange(start, start + count)
     epochs, offsets = np.divmod(positions, num_rows)
     rows = np.empty_like(positions)
     for epoch in np.unique(epochs):

@@ -14,26 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import numpy as np
-
 from sad3_megatron.config import Config
 from sad3_megatron.core.errors import Sad3Error
-from sad3_megatron.data.sampler import epoch_permutation
-
-
-def rows_at(num_rows: int, start: int, count: int, seed: int) -> np.ndarray:
-    """Entries start .. start + count - 1 of the training order, as row indices (epoch e of the
-    order is epoch_permutation(num_rows, seed, e); this is data/sampler.py's batch_rows with the
-    start given as an entry instead of (step, micro-batch, rank))."""
-    if num_rows < 1:
-        raise ValueError("the training split has no rows")
-    positions = np.arange(start, start + count)
-    epochs, offsets = np.divmod(positions, num_rows)
-    rows = np.empty_like(positions)
-    for epoch in np.unique(epochs):
-        here = epochs == epoch
-        rows[here] = epoch_permutation(num_rows, seed, int(epoch))[offsets[here]]
-    return rows
 
 
 def data_state(step: int, global_batch: int, row_offset: int) -> dict:

@@ -28,7 +28,7 @@ from sad3_megatron.core.errors import Sad3Error
 from sad3_megatron.core.likelihood import estimate_bound, held_out_words
 from sad3_megatron.core.schedules import NoiseSchedule
 from sad3_megatron.data.corpus import load_corpus
-from sad3_megatron.data.sampler import batch_rows
+from sad3_megatron.data.sampler import rows_at
 from sad3_megatron.engine.build import build_components
 from sad3_megatron.engine.checkpoint import (
     TensorFile,
@@ -64,7 +64,7 @@ from sad3_megatron.engine.optimizer_state import (
 from sad3_megatron.engine.pipeline import build_pipeline, pipeline_batch, pipeline_bound, to_canonical, to_local
 from sad3_megatron.engine.plan import gradient_accumulation, parameter_count
 from sad3_megatron.engine.preemption import clear_marker, stop_on_signals, write_marker
-from sad3_megatron.engine.resume import check_same_model, data_state, layout, row_offset, rows_at
+from sad3_megatron.engine.resume import check_same_model, data_state, layout, row_offset
 from sad3_megatron.engine.run_lock import lock_run, release_run
 from sad3_megatron.engine.schedule_search import ScheduleSearch
 from sad3_megatron.model.activation_checkpointing import apply_activation_checkpointing
@@ -203,14 +203,9 @@ def _micro_batch(corpus, cfg: Config, step: int, slot: int, device: torch.device
     global batch (engine/resume.py)."""
     t = cfg.train
     dp_size = parallel_state.get_data_parallel_world_size()
-    micro, dp_rank = divmod(slot, dp_size)
-    if row_offset:
-        start = step * t.micro_batch_size * t.grad_accum_steps * dp_size + slot * t.micro_batch_size + row_offset
-        rows = rows_at(len(corpus.train), start, t.micro_batch_size, cfg.run.seed)
-    else:
-        rows = batch_rows(
-            len(corpus.train), step, micro, t.micro_batch_size, t.grad_accum_steps, cfg.run.seed, dp_rank, dp_size
-        )
+    # slot = micro-batch × DP + rank: the slot's rows are the global batch's entries slot × micro onwards
+    start = step * t.micro_batch_size * t.grad_accum_steps * dp_size + slot * t.micro_batch_size + row_offset
+    rows = rows_at(len(corpus.train), start, t.micro_batch_size, cfg.run.seed)
     batch = corpus.train.batch(rows)
     x = torch.as_tensor(batch.tokens, device=device)
     document_ids = None if batch.document_ids is None else torch.as_tensor(batch.document_ids, device=device)

@@ -13,12 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run fastest (and steadiest on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _sampling_on_one_thread(one_thread):
+    """Every sampling test runs on one thread (tests/conftest.py's one_thread)."""
 
 
 @pytest.fixture(scope="module")
