@@ -41,6 +41,7 @@ LAYOUTS = {  # name: (processes, overrides)
     "tp2": (2, ["parallel.tensor_parallel=2"]),
     "tp2-sp": (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pipeline_parallel=2", "parallel.zero_stage=1"]),
+    "modern": (1, MODERN),
     "modern-tp2-sp": (2, [*MODERN, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
     "modern-pp2": (2, [*MODERN, "parallel.pipeline_parallel=2", "parallel.zero_stage=1"]),
 }
@@ -53,7 +54,8 @@ SWITCHES = [  # (uninterrupted run on the original layout, layout resumed on at 
     ("tp2", "zero0"),  # the issue's second failure: TP 2 resumed at TP 1
     ("zero0", "tp2-sp"),
     ("pp2", "zero1-dp1"),
-    ("modern-tp2-sp", "modern-pp2"),  # tied table split by vocabulary, then as two pipeline stages' copies
+    ("modern", "modern-tp2-sp"),  # KV groups and SwiGLU's strided fc1 split by TP, the tied table by vocabulary
+    ("modern", "modern-pp2"),  # the tied table as two pipeline stages' copies
 ]
 
 
