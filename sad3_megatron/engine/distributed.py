@@ -55,6 +55,18 @@ def init_distributed(
         )
 
 
+def shutdown_distributed() -> None:
+    """Tear the process groups down, every rank together, once a process's work is done. Left to
+    interpreter exit, gloo's threads can abort a process that has already finished its work
+    ("terminate called without an active exception"), which torchrun reports as a failure."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -40,3 +40,5 @@ if max(errors) > 1e-5:
     print(f"chunked tp2 mismatch on rank {rank}: {errors}")
     sys.exit(1)
 print("chunked tp2 ok")
+dist.barrier()
+dist.destroy_process_group()  # before exit: left to the interpreter, gloo's threads may abort the process

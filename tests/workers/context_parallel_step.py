@@ -25,6 +25,7 @@ from megatron.core import parallel_state
 from sad3_megatron.config import load_config
 from sad3_megatron.core.network import build_network
 from sad3_megatron.engine.consolidate import gather_tensor_parallel
+from sad3_megatron.engine.distributed import shutdown_distributed
 from sad3_megatron.engine.run_lock import release_run
 from sad3_megatron.engine.trainer import Trainer, _micro_batch
 
@@ -100,3 +101,4 @@ root = Path(sys.argv[3])
 results = {name: run_case(argv, root / name) for name, argv in cases.items()}
 if dist.get_rank() == 0:
     Path(sys.argv[2]).write_text(json.dumps(results, indent=1))
+shutdown_distributed()

@@ -19,6 +19,7 @@ from sad3_megatron.config import load_config
 from sad3_megatron.core.masks import AttentionMask
 from sad3_megatron.engine.build import build_components
 from sad3_megatron.engine.consolidate import gather_tensor_parallel
+from sad3_megatron.engine.distributed import shutdown_distributed
 from sad3_megatron.engine.export import family_tensors
 from sad3_megatron.engine.hf_import import apply_init_architecture, load_init_weights
 from sad3_megatron.engine.pipeline import build_pipeline, canonical_name
@@ -113,10 +114,7 @@ def main() -> int:
         problems = compare(layout, directory)
         failed |= bool(problems)
         print(f"hf parity {'ok' if not problems else 'FAILED'} {layout} {directory} {'; '.join(problems)}", flush=True)
-    if dist.is_initialized():  # tear gloo down before the interpreter does: its threads may abort an unclean exit
-        dist.barrier()
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+    shutdown_distributed()
     return 1 if failed else 0
 
 

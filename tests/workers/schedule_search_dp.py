@@ -11,7 +11,7 @@ import torch.distributed as dist
 from sad3_megatron.core.model_config import ModelConfig
 from sad3_megatron.core.objectives import BlockDiffusionObjective
 from sad3_megatron.core.schedules import make_schedule
-from sad3_megatron.engine.distributed import init_distributed
+from sad3_megatron.engine.distributed import init_distributed, shutdown_distributed
 from sad3_megatron.engine.schedule_search import ScheduleSearch
 from sad3_megatron.model.build import build_model
 from sad3_megatron.model.transformer import make_spec
@@ -30,3 +30,4 @@ for criterion in ("elbo", "grad"):
 if not dist.is_initialized() or dist.get_rank() == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
+shutdown_distributed()

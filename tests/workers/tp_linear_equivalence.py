@@ -11,7 +11,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from sad3_megatron.core.model_config import ModelConfig
 from sad3_megatron.core.objectives import BlockDiffusionObjective
 from sad3_megatron.core.schedules import make_schedule
-from sad3_megatron.engine.distributed import init_distributed
+from sad3_megatron.engine.distributed import init_distributed, shutdown_distributed
 from sad3_megatron.model.build import build_model
 from sad3_megatron.model.tp_linear import dense_matmul, set_forward_impl
 from sad3_megatron.model.transformer import make_spec
@@ -39,3 +39,4 @@ if abs(loss_a - loss_b) > 1e-6 or worst > 1e-6:
     print(f"tp_linear mismatch: loss {loss_a} vs {loss_b}, largest gradient difference {worst}")
     sys.exit(1)
 print("tp_linear ok")
+shutdown_distributed()

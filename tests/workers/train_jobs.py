@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 
 from sad3_megatron.cli import main
 from sad3_megatron.config import load_config
+from sad3_megatron.engine.distributed import shutdown_distributed
 from sad3_megatron.engine.guard import FAULT_ENV
 from sad3_megatron.engine.run_lock import release_run
 from sad3_megatron.engine.trainer import Trainer
@@ -45,3 +46,4 @@ for job in json.loads(open(sys.argv[1]).read()):
     if code != expected:
         print(f"train_jobs: job ended with exit code {code}, not {expected}: {job}", file=sys.stderr)
         sys.exit(code or 1)
+shutdown_distributed()
