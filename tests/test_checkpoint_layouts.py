@@ -158,8 +158,11 @@ def test_resume_on_another_layout_continues_the_uninterrupted_run(launch, layout
         out, label = layout_runs / f"{source}-to-{target}", f"{source} -> {target}"
         assert_carried_exactly(layout_runs / source, resaved(out), label)
         # TP splits the matmuls' sums: uninterrupted TP = 2 and TP = 1 runs differ by up to 4.4e-4 of
-        # a tensor's largest Adam moment (measured); the other switches stay within 4e-6.
-        assert_continues(launch, layout_runs / source, out, label, 2e-3 if "tp" in source + target else 5e-5)
+        # a tensor's largest Adam moment (measured). So do the tied model's two pipeline stages, which add
+        # their copies' gradients in another order than one process (8.5e-4, on the second moments of
+        # norm weights whose gradients are ~1e-5); the other switches stay within 4e-6.
+        loose = "tp" in source + target or "modern" in source
+        assert_continues(launch, layout_runs / source, out, label, 2e-3 if loose else 5e-5)
     state = json.loads((layout_runs / "zero1-dp2" / "checkpoints" / "step_0000002" / "state.json").read_text())
     assert state["layout"]["data_parallel"] == 2 and state["data"] == {"rows": 16, "global_batch": 8}
     assert not list((layout_runs / "zero3-dp2" / "checkpoints" / "step_0000004").glob("*.pt"))  # no per-rank shards
